@@ -1,0 +1,130 @@
+"""The slmflow pipeline: base model → data prep → fine-tune → merge → export → evaluate → report.
+
+`run_pipeline` is the DAG, written once. The Prefect flow `slmflow_pipeline` runs it with each
+stage as a Prefect task (retries, content-keyed cache, persisted results, artifacts);
+`slmflow run --no-prefect` runs the same DAG with the plain stage functions.
+
+Run as:
+    slmflow run [--config FILE] [--set key=value ...]
+    python -m flows.pipeline            # the embedded default, through Prefect
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from slmflow.artifacts import ArtifactRef
+from slmflow.config import PipelineConfig
+from slmflow.errors import QualityGateError
+from slmflow.preflight import check_output_dir, store_dir, validate_run
+from slmflow.report import build_report, write_report
+
+Runner = Callable[..., tuple[ArtifactRef, bool]]
+
+
+def run_pipeline(config: PipelineConfig, run: Runner, publish: Callable[[dict, Path], None] | None = None) -> Path:
+    """Run every stage through `run(stage, **kwargs) -> (ref, cached)`; write and gate the report."""
+    started = time.perf_counter()
+    sources = validate_run(config)  # everything checked before any model is loaded
+    out_dir = check_output_dir(config)
+    store = str(store_dir(config))
+    timings: dict[str, dict[str, Any]] = {}
+
+    def stage(label: str, name: str, **kwargs: Any) -> ArtifactRef:
+        t0 = time.perf_counter()
+        ref, cached = run(name, label=label, store=store, **kwargs)
+        timings[label] = {"seconds": round(time.perf_counter() - t0, 3), "cached": cached,
+                          "key": ref.key, "uri": ref.uri}
+        return ref
+
+    base = stage("base_model", "base_model", cfg=config.model, source=sources["model_source"])
+    data = stage("prepare_data", "prepare_data", cfg=config.data, base=base,
+                 train_source=sources["train_source"], eval_source=sources["eval_source"],
+                 loss_on=config.finetune.loss_on)
+    adapter = stage("finetune", "finetune", cfg=config.finetune, base=base, data=data)
+    merged = stage("merge", "merge", cfg=config.merge, base=base, adapter=adapter, data=data,
+                   trust_remote_code=config.model.trust_remote_code)
+    onnx = stage("export", "export", cfg=config.export, merged=merged, data=data)
+    evaluations = {
+        name: stage(f"evaluate_{name}", "evaluate", cfg=config.evaluate, model=model, data=data,
+                    labels=config.data.labels, trust_remote_code=config.model.trust_remote_code)
+        for name, model in (("base", base), ("merged", merged), ("exported", onnx))
+    }
+
+    report = build_report(config, data, adapter, merged, onnx, evaluations, timings,
+                          total_seconds=time.perf_counter() - started)
+    path = write_report(report, out_dir)
+    if publish:
+        publish(report, path)
+    gate = report["quality_gate"]
+    if not gate["passed"]:
+        raise QualityGateError.for_report(path,
+            f"quality gate failed: exported accuracy {gate['exported_accuracy']:.4f} is "
+            f"{gate['drop']:.4f} below merged {gate['merged_accuracy']:.4f} (allowed "
+            f"{gate['max_accuracy_drop']}); outputs kept, see {path}; try export.algo_config="
+            "k_quant_mixed or a higher export.precision",
+        )
+    return path
+
+
+def run_plain(name: str, label: str, **kwargs: Any) -> tuple[ArtifactRef, bool]:
+    """Run a stage as a plain function (no Prefect)."""
+    from slmflow.stages import base_model, evaluate, export, finetune, merge, prepare_data
+
+    functions = {
+        "base_model": base_model.materialize_base_model,
+        "prepare_data": prepare_data.prepare_data,
+        "finetune": finetune.finetune,
+        "merge": merge.merge_adapter,
+        "export": export.export_onnx,
+        "evaluate": evaluate.evaluate_model,
+    }
+
+    def log(msg: str) -> None:
+        print(f"[{label}] {msg}", file=sys.stderr, flush=True)
+
+    ref = functions[name](**kwargs, log=log)
+    log(f"{'cached' if ref.cached else 'done'}: {ref.uri}")
+    return ref, ref.cached
+
+
+def run_prefect_task(name: str, label: str, **kwargs: Any) -> tuple[ArtifactRef, bool]:
+    """Run a stage as its Prefect task; results persist next to the stage store."""
+    from tasks import STAGE_TASKS, results_dir
+
+    task = STAGE_TASKS[name].with_options(
+        task_run_name=label, result_storage=results_dir(kwargs["store"])
+    )
+    state = task(**kwargs, return_state=True)
+    ref = state.result()  # raises the stage's own error on failure
+    return ref, state.name == "Cached" or ref.cached
+
+
+def publish_artifacts(report: dict, path: Path) -> None:
+    """The report's tables and Markdown as Prefect artifacts of the flow run."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from slmflow.report import model_table, render_markdown, stage_table
+
+    create_table_artifact(model_table(report["models"]), key="slmflow-models",
+                          description="Accuracy, latency and size of base, merged and exported")
+    create_table_artifact(stage_table(report["stages"]), key="slmflow-stages",
+                          description="Seconds per stage and whether it was cached")
+    create_markdown_artifact(render_markdown(report), key="slmflow-report",
+                             description=f"Full report: {path}")
+
+
+@flow(name="slmflow-pipeline", log_prints=True)
+def slmflow_pipeline(config: PipelineConfig = PipelineConfig()) -> str:  # noqa: B008
+    """Fine-tune, merge, export to ONNX and evaluate a small language model."""
+    return str(run_pipeline(config, run_prefect_task, publish_artifacts))
+
+
+if __name__ == "__main__":
+    slmflow_pipeline()

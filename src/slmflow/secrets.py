@@ -1,0 +1,23 @@
+"""Secrets (Hugging Face token, Azure credentials) from the environment or Prefect Secret blocks.
+
+Values are returned to the caller only; nothing here logs them, and configs never hold them.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def get_secret(env_var: str, block: str | None = None) -> str | None:
+    """The secret from `$env_var`, else from the Prefect Secret block `block`, else None."""
+    value = os.environ.get(env_var)
+    if value:
+        return value
+    if block is None or not os.environ.get("PREFECT_API_URL"):
+        return None  # no server configured: don't start one just to look a secret up
+    try:
+        from prefect.blocks.system import Secret
+
+        return Secret.load(block, _sync=True).get()
+    except ValueError:  # no such block
+        return None

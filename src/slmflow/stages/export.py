@@ -1,0 +1,107 @@
+"""Stage 5: export the merged model to ONNX with onnxruntime-genai's model builder.
+
+Runs `python -m onnxruntime_genai.models.builder -i MERGED -o OUT -p PRECISION -e EP -c CACHE
+--extra_options ...` in a subprocess (the builder holds the whole model in memory; a subprocess
+gives it back), then checks that onnxruntime-genai loads the result and generates.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from slmflow.artifacts import ArtifactRef, dir_size, run_stage, stage_key
+from slmflow.config import ExportConfig
+from slmflow.errors import StageCheckError
+
+VERSION = 1
+
+
+def builder_options(cfg: ExportConfig) -> dict[str, str]:
+    """The builder's --extra_options for this config (quantization recipe and passthrough)."""
+    opts: dict[str, str] = {"hf_token": "false"}  # never reach for a stored hub token
+    if cfg.precision in ("int4", "int8"):
+        opts["algo_config"] = cfg.algo_config
+        if cfg.block_size is not None:
+            opts["block_size"] = str(cfg.block_size)
+        if cfg.accuracy_level is not None:
+            opts["accuracy_level"] = str(cfg.accuracy_level)
+        if cfg.matmul_mixed_precision:
+            opts["matmul_mixed_precision"] = cfg.matmul_mixed_precision
+    opts.update(cfg.extra_options)
+    return opts
+
+
+def builder_command(cfg: ExportConfig, model: Path, out: Path, cache: Path) -> list[str]:
+    opts = builder_options(cfg)
+    return [
+        sys.executable, "-m", "onnxruntime_genai.models.builder",
+        "-i", str(model), "-o", str(out), "-p", cfg.precision,
+        "-e", cfg.execution_provider, "-c", str(cache),
+        "--extra_options", *[f"{k}={v}" for k, v in opts.items()],
+    ]  # fmt: skip
+
+
+def smoke_generate(folder: Path, prompt: str, max_new_tokens: int = 4) -> str:
+    """Load the exported model with onnxruntime-genai and generate a few tokens greedily."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    tokenizer = og.Tokenizer(model)
+    ids = tokenizer.encode(prompt)
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(ids) + max_new_tokens)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    out: list[int] = []
+    while not gen.is_done() and len(out) < max_new_tokens:
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return tokenizer.decode(out)
+
+
+KIND = "onnx_model"
+
+
+def onnx_key(cfg: ExportConfig, store: Path, merged: ArtifactRef, data: ArtifactRef) -> str:
+    return stage_key(KIND, VERSION, cfg, [merged, data], store)
+
+
+def export_onnx(
+    cfg: ExportConfig, store: Path, merged: ArtifactRef, data: ArtifactRef, log=print
+) -> ArtifactRef:
+    """Build the ONNX model into the stage folder and prove it loads and generates."""
+    key = onnx_key(cfg, store, merged, data)
+
+    def build(out: Path, work: Path) -> dict[str, Any]:
+        from slmflow.stages.base_model import model_dir
+        from slmflow.stages.prepare_data import read_split
+
+        cmd = builder_command(cfg, model_dir(merged), out, work / "builder-cache")
+        log("export: " + " ".join(cmd[2:]))
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+        if proc.returncode != 0 or not (out / "genai_config.json").is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise StageCheckError(
+                f"export: the model builder failed (exit {proc.returncode}): " + " | ".join(tail)
+            )
+        prompt = read_split(data, "eval")[0]["prompt"]
+        try:
+            sample = smoke_generate(out, prompt)
+        except Exception as exc:  # the builder wrote a model that does not load or run
+            raise StageCheckError(
+                f"export: onnxruntime-genai cannot run the exported model ({exc}); try another "
+                "export.algo_config or export.matmul_mixed_precision"
+            ) from None
+        log(f"export: loads and generates: {sample!r}")
+        return {
+            "precision": cfg.precision,
+            "execution_provider": cfg.execution_provider,
+            "builder_options": builder_options(cfg),
+            "size_bytes": dir_size(out),
+            "smoke_output": sample,
+        }
+
+    return run_stage(KIND, key, store, [merged, data], build, log=log)

@@ -1,0 +1,217 @@
+"""Stage 3: teach a LoRA or QLoRA adapter with peft and the transformers Trainer.
+
+QLoRA loads the base in 4 bits with bitsandbytes (nf4/fp4, double quant; it runs on CPU too) and
+trains the adapter in `compute_dtype`. Checkpoints go to the stage's work folder every
+`checkpoint_every` steps, so a killed run resumes from the last one. Writes the adapter
+(`adapter_config.json`, `adapter_model.safetensors`) and `train_log.json` (the loss curve).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from slmflow.artifacts import ArtifactRef, run_stage, stage_key
+from slmflow.config import FinetuneConfig
+from slmflow.errors import ConfigError
+
+VERSION = 1
+
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+
+
+def check_target_modules(cfg: FinetuneConfig, base: ArtifactRef) -> None:
+    """Refuse target modules the base model does not have, listing the ones it does."""
+    have = base.meta.get("linear_modules") or []
+    missing = [m for m in cfg.target_modules if m not in have]
+    if have and missing:
+        raise ConfigError(
+            f"finetune.target_modules: {missing} not found in {base.meta.get('architecture')}; "
+            f"its linear modules are {have}"
+        )
+
+
+def pick_device(choice: str) -> str:
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("finetune.device=cuda but no CUDA device is visible; use auto or cpu")
+    return "cuda" if choice == "auto" and torch.cuda.is_available() else (
+        "cpu" if choice == "auto" else choice
+    )
+
+
+def load_for_training(cfg: FinetuneConfig, folder: Path, device: str):
+    """The base model, in fp32 (LoRA) or 4-bit (QLoRA), wrapped with a fresh adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": True}
+    if cfg.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.quant_type,
+            bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype),
+        )
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing
+        )
+    else:
+        model.to(device)
+    lora = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def _collate(pad_id: int):
+    import torch
+
+    def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids, labels, mask = [], [], []
+        for b in batch:
+            pad = width - len(b["input_ids"])
+            ids.append(b["input_ids"] + [pad_id] * pad)
+            labels.append(b["labels"] + [-100] * pad)
+            mask.append([1] * len(b["input_ids"]) + [0] * pad)
+        return {
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "attention_mask": torch.tensor(mask),
+        }
+
+    return collate
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    ckpts = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+KIND = "adapter"
+
+
+def adapter_key(cfg: FinetuneConfig, store: Path, base: ArtifactRef, data: ArtifactRef) -> str:
+    return stage_key(KIND, VERSION, cfg, [base, data], store)
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    store: Path,
+    base: ArtifactRef,
+    data: ArtifactRef,
+    on_progress: ProgressFn | None = None,
+    log=print,
+) -> ArtifactRef:
+    """Train the adapter; resume from the last checkpoint of an interrupted attempt."""
+    check_target_modules(cfg, base)
+    key = adapter_key(cfg, store, base, data)
+
+    def build(out: Path, work: Path) -> dict[str, Any]:
+        import datasets
+        import torch
+        from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+        from slmflow.stages.base_model import model_dir
+        from slmflow.stages.prepare_data import read_split
+
+        device = pick_device(cfg.device)
+        folder = model_dir(base)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_split(data, "train")]
+        train_ds = datasets.Dataset.from_list(rows)
+        torch.manual_seed(cfg.seed)
+        model = load_for_training(cfg, folder, device)
+        history: list[dict[str, float]] = []
+        started = time.perf_counter()
+        tokens = {"n": 0}
+
+        class Progress(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    history.append({"step": state.global_step, "loss": float(logs["loss"]),
+                                    "learning_rate": float(logs.get("learning_rate", 0.0))})
+
+            def on_step_end(self, args, state, control, **kw):
+                if on_progress:
+                    last = history[-1] if history else {}
+                    on_progress(state.global_step, state.max_steps, last)
+
+        args = TrainingArguments(
+            output_dir=str(work / "checkpoints"),
+            per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            max_steps=cfg.max_steps if cfg.max_steps else -1,
+            num_train_epochs=cfg.epochs,
+            learning_rate=cfg.learning_rate,
+            lr_scheduler_type=cfg.lr_scheduler,
+            warmup_steps=cfg.warmup_steps,
+            weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm,
+            adam_beta2=cfg.adam_beta2,
+            gradient_checkpointing=cfg.gradient_checkpointing and cfg.method == "lora",
+            logging_steps=1,
+            save_strategy="steps",
+            save_steps=cfg.checkpoint_every,
+            save_total_limit=2,
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            use_cpu=device == "cpu",
+            report_to=[],
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            data_collator=_collate(pad_id),
+            callbacks=[Progress()],
+        )
+        resume = last_checkpoint(work / "checkpoints")
+        if resume is not None:
+            log(f"finetune: resuming from {resume.name} (step {resume.name.split('-')[1]})")
+            prior = json.loads((resume / "trainer_state.json").read_text())
+            history.extend(
+                {"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate", 0.0)}
+                for h in prior.get("log_history", []) if "loss" in h
+            )
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        seconds = time.perf_counter() - started
+        model.save_pretrained(out)
+        steps = trainer.state.global_step
+        tokens["n"] = sum(len(r["input_ids"]) for r in rows)
+        log_rows = sorted({h["step"]: h for h in history}.values(), key=lambda h: h["step"])
+        (out / "train_log.json").write_text(json.dumps(log_rows, indent=1))
+        epochs_seen = steps * cfg.batch_size * cfg.gradient_accumulation_steps / max(1, len(rows))
+        return {
+            "method": cfg.method,
+            "device": device,
+            "steps": steps,
+            "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0,
+            "train_rows": len(rows),
+            "final_loss": log_rows[-1]["loss"] if log_rows else None,
+            "train_seconds": round(seconds, 2),
+            "train_loss": float(result.training_loss),
+            "tokens_per_second": round(tokens["n"] * epochs_seen / max(seconds, 1e-9), 1),
+        }
+
+    return run_stage(KIND, key, store, [base, data], build, log=log)

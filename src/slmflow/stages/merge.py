@@ -1,0 +1,74 @@
+"""Stage 4: merge the adapter into the full-precision base and check the merge.
+
+The base is always loaded in full precision, also after QLoRA (merging into a 4-bit base would
+bake its quantization error into the weights). Merged logits are compared with base+adapter on a
+few eval prompts; the largest difference is recorded and the stage fails past the tolerance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from slmflow.artifacts import ArtifactRef, run_stage, stage_key
+from slmflow.config import MergeConfig
+from slmflow.errors import StageCheckError
+
+VERSION = 1
+
+
+KIND = "merged_model"
+
+
+def merged_key(
+    cfg: MergeConfig, store: Path, base: ArtifactRef, adapter: ArtifactRef, data: ArtifactRef
+) -> str:
+    return stage_key(KIND, VERSION, cfg, [base, adapter, data], store)
+
+
+def merge_adapter(
+    cfg: MergeConfig,
+    store: Path,
+    base: ArtifactRef,
+    adapter: ArtifactRef,
+    data: ArtifactRef,
+    trust_remote_code: bool = False,
+    log=print,
+) -> ArtifactRef:
+    """Write the merged model to `model/` of the stage folder."""
+    key = merged_key(cfg, store, base, adapter, data)
+
+    def build(out: Path, work: Path) -> dict[str, Any]:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from slmflow.stages.base_model import model_dir
+        from slmflow.stages.prepare_data import read_split
+
+        folder = model_dir(base)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+        model = PeftModel.from_pretrained(model, adapter.uri)
+        model.eval()
+        prompts = [r["text"] for r in read_split(data, "eval")[: cfg.check_prompts]]
+        batches = [tokenizer(p, return_tensors="pt") for p in prompts]
+        with torch.no_grad():
+            expected = [model(**b).logits for b in batches]
+            merged = model.merge_and_unload()
+            merged = merged.to(getattr(torch, cfg.dtype))
+            got = [merged(**b).logits.float() for b in batches]
+        diff = max(float((e - g).abs().max()) for e, g in zip(expected, got))
+        log(f"merge: max |logit diff| merged vs base+adapter = {diff:.3g} ({cfg.dtype})")
+        if diff > cfg.tolerance:
+            raise StageCheckError(
+                f"merge: merged logits differ from base+adapter by {diff:.3g} > merge.tolerance="
+                f"{cfg.tolerance}; merge in float32 (merge.dtype) or raise merge.tolerance"
+            )
+        merged.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+        return {"max_logit_diff": diff, "dtype": cfg.dtype, "check_prompts": len(prompts)}
+
+    return run_stage(KIND, key, store, [base, adapter, data], build, log=log)

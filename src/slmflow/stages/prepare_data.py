@@ -1,0 +1,141 @@
+"""Stage 2: load and check the data, render the template, split deterministically, tokenize.
+
+Writes `train.jsonl` and `eval.jsonl` (one row each: the source columns, `label`, `prompt`,
+`answer`, `input_ids`, `labels`) and `stats.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from slmflow.artifacts import ArtifactRef, run_stage, stage_key
+from slmflow.config import DataConfig
+from slmflow.dataio import load_examples
+from slmflow.errors import DataError
+from slmflow.textformat import render_example
+
+VERSION = 1
+
+
+def split_examples(
+    examples: list[dict[str, Any]], cfg: DataConfig
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A stratified split: eval_split of each label, chosen by a seeded shuffle (deterministic)."""
+    rng = random.Random(cfg.seed)
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for ex in examples:
+        by_label.setdefault(ex[cfg.label_column], []).append(ex)
+    train, held = [], []
+    for label in cfg.labels:
+        group = sorted(by_label.get(label, []), key=lambda ex: ex["_line"])
+        rng.shuffle(group)
+        n_eval = round(len(group) * cfg.eval_split)
+        if len(group) >= 2:
+            n_eval = min(max(n_eval, 1), len(group) - 1)
+        held.extend(group[:n_eval])
+        train.extend(group[n_eval:])
+    rng.shuffle(train)
+    held.sort(key=lambda ex: ex["_line"])
+    return train, held
+
+
+def tokenize_example(ex: dict[str, Any], tokenizer, cfg: DataConfig, loss_on: str) -> dict[str, Any]:
+    """Prompt and answer are tokenized apart, as at inference the model continues the prompt."""
+    rendered = render_example(ex, cfg.text_template, cfg.label_column)
+    prompt_ids = tokenizer(rendered["prompt"], add_special_tokens=True)["input_ids"]
+    answer_ids = tokenizer(rendered["answer"], add_special_tokens=False)["input_ids"]
+    answer_ids = answer_ids + [tokenizer.eos_token_id]
+    input_ids = prompt_ids + answer_ids
+    if len(input_ids) > cfg.max_seq_len:
+        raise DataError(
+            f"line {ex['_line']}: {len(input_ids)} tokens is longer than data.max_seq_len="
+            f"{cfg.max_seq_len}; shorten the row or raise data.max_seq_len"
+        )
+    labels = ([-100] * len(prompt_ids) if loss_on == "answer" else list(prompt_ids)) + answer_ids
+    return {
+        **{k: v for k, v in ex.items() if k != "_line"},
+        "line": ex["_line"],
+        "label": ex[cfg.label_column],
+        **rendered,
+        "input_ids": input_ids,
+        "labels": labels,
+    }
+
+
+KIND = "dataset"
+
+
+def dataset_key(
+    cfg: DataConfig,
+    store: Path,
+    base: ArtifactRef,
+    train_source: ArtifactRef,
+    eval_source: ArtifactRef | None = None,
+    loss_on: str = "answer",
+) -> str:
+    parents = [base, train_source] + ([eval_source] if eval_source else [])
+    return stage_key(KIND, VERSION, {"data": cfg, "loss_on": loss_on}, parents, store)
+
+
+def prepare_data(
+    cfg: DataConfig,
+    store: Path,
+    base: ArtifactRef,
+    train_source: ArtifactRef,
+    eval_source: ArtifactRef | None = None,
+    loss_on: str = "answer",
+    log=print,
+) -> ArtifactRef:
+    """Check, render, split and tokenize the data with the base model's tokenizer."""
+    from slmflow.stages.base_model import model_dir
+
+    parents = [base, train_source] + ([eval_source] if eval_source else [])
+    key = dataset_key(cfg, store, base, train_source, eval_source, loss_on)
+
+    def build(out: Path, work: Path) -> dict[str, Any]:
+        from transformers import AutoTokenizer
+
+        examples = load_examples(train_source.uri, cfg)
+        if eval_source is None:
+            train, held = split_examples(examples, cfg)
+        else:
+            train, held = examples, load_examples(eval_source.uri, cfg)
+        if not train or not held:
+            raise DataError(
+                f"{train_source.uri}: {len(examples)} rows leave nothing to "
+                f"{'train on' if not train else 'evaluate'}; add rows or change data.eval_split"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(model_dir(base))
+        stats: dict[str, Any] = {}
+        for name, rows in (("train", train), ("eval", held)):
+            where = train_source.uri if name == "train" or eval_source is None else eval_source.uri
+            try:
+                tokenized = [tokenize_example(ex, tokenizer, cfg, loss_on) for ex in rows]
+            except DataError as exc:
+                raise DataError(f"{where}:{exc}") from None
+            with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
+                for row in tokenized:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            lengths = [len(r["input_ids"]) for r in tokenized]
+            stats[name] = {
+                "rows": len(tokenized),
+                "labels": dict(Counter(r["label"] for r in tokenized)),
+                "tokens": sum(lengths),
+                "max_len": max(lengths),
+            }
+        (out / "stats.json").write_text(json.dumps(stats, indent=2))
+        log(f"data: {stats['train']['rows']} train / {stats['eval']['rows']} eval rows")
+        return stats
+
+    return run_stage(KIND, key, store, parents, build, log=log)
+
+
+def read_split(data: ArtifactRef, split: str) -> list[dict[str, Any]]:
+    """Rows of a prepared split ('train' or 'eval')."""
+    with open(Path(data.uri) / f"{split}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+

@@ -1,0 +1,125 @@
+"""The whole flow through Prefect on the tiny Phi-3: outputs, caching, reruns, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slmflow.configio import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+STAGES = ["base_model", "prepare_data", "finetune", "merge", "export",
+          "evaluate_base", "evaluate_merged", "evaluate_exported"]
+
+
+def _config(tiny_model: Path, out: Path, *overrides: str):
+    return load_config(REPO / "configs" / "tiny-phi3_lora_cpu.yaml", [
+        f"model.name_or_path={tiny_model}", f"output_dir={out}", *overrides])
+
+
+def _run(config) -> dict:
+    from flows.pipeline import slmflow_pipeline
+
+    path = slmflow_pipeline(config)
+    return json.loads(Path(path).read_text())
+
+
+def _cached(report: dict) -> dict[str, bool]:
+    return {name: s["cached"] for name, s in report["stages"].items()}
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_api, tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-run")
+    data = out / "tones.jsonl"
+    shutil.copy(REPO / "src" / "slmflow" / "data" / "tones.jsonl", data)
+    config = _config(tiny_model, out / "run", f"data.train_file={data}")
+    return config, _run(config), data
+
+
+def test_first_run_writes_a_loadable_int4_model_and_report(first_run):
+    config, report, _ = first_run
+    assert set(report["stages"]) == set(STAGES) and not any(_cached(report).values())
+    for key in ("base", "merged", "exported"):
+        assert 0.0 <= report["models"][key]["accuracy"] <= 1.0
+    # Fine-tuning teaches the random-init model the task; the base model knows nothing.
+    assert report["models"]["merged"]["accuracy"] > report["models"]["base"]["accuracy"] + 0.2
+    exported = Path(report["exported_model_dir"])
+    assert (exported / "model.onnx").is_file() and (exported / "genai_config.json").is_file()
+    assert report["export"]["builder_options"]["algo_config"] == "k_quant_mixed"
+    assert report["merge"]["max_logit_diff"] < 1e-3
+    assert len(report["training"]["loss_curve"]) == report["training"]["steps"]
+    out = Path(config.output_dir)
+    assert (out / "report.md").is_file() and (out / "loss_curve.svg").is_file()
+
+    from slmflow.stages.export import smoke_generate
+
+    assert isinstance(smoke_generate(exported, "### Text: hello\n### The tone is:\n"), str)
+
+
+def test_fine_tuned_model_learned_the_training_rows(first_run):
+    from slmflow.artifacts import read_verified
+    from slmflow.stages.evaluate import evaluate_model
+
+    config, report, _ = first_run
+    merged = read_verified(Path(report["stages"]["merge"]["uri"]))
+    data = read_verified(Path(report["stages"]["prepare_data"]["uri"]))
+    store = Path(config.output_dir) / "cache"
+    train = evaluate_model(config.evaluate.model_copy(update={"limit": 64}), store, merged, data,
+                           config.data.labels, split="train", log=lambda m: None)
+    assert train.meta["accuracy"] >= 0.9
+
+
+def test_second_run_is_all_cached(first_run):
+    config, report, _ = first_run
+    again = _run(config)
+    assert all(_cached(again).values()), _cached(again)
+    assert again["models"] == report["models"]
+
+
+def test_changing_evaluation_reruns_only_evaluation(first_run):
+    config, _, _ = first_run
+    changed = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"limit": 20})})
+    cached = _cached(_run(changed))
+    assert all(cached[s] for s in STAGES[:5]) and not any(cached[s] for s in STAGES[5:])
+
+
+def test_new_data_content_at_same_path_reruns_from_data_prep(first_run):
+    config, _, data = first_run
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[:-8]) + "\n")  # same path, new content
+    cached = _cached(_run(config.model_copy(update={"finetune": config.finetune.model_copy(update={"max_steps": 20})})))
+    assert cached["base_model"] and not any(cached[s] for s in STAGES[1:])
+
+
+def test_missing_output_folder_is_rebuilt_not_trusted(first_run):
+    config, report, _ = first_run
+    shutil.rmtree(report["exported_model_dir"])
+    cached = _cached(_run(config))
+    assert not cached["export"] and cached["finetune"]
+    assert Path(report["exported_model_dir"], "model.onnx").is_file()
+
+
+def test_cli_trains_on_other_data_without_code_change(tiny_model, tmp_path):
+    out = tmp_path / "other"
+    env = {**os.environ, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+           "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "slmflow.cli", "run", "--config", "configs/tiny-phi3_lora_cpu.yaml",
+         "--set", f"model.name_or_path={tiny_model}", "--set", "data.train_file=tests/assets/tones_other.jsonl",
+         "--set", f"output_dir={out}", "--set", "finetune.max_steps=30"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = [line for line in proc.stdout.splitlines() if line.startswith("report: ")]
+    assert last and Path(last[-1].removeprefix("report: ")) == out / "report.json"
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["train"]["rows"] + report["data"]["eval"]["rows"] == 120

@@ -1,0 +1,71 @@
+"""Answer parsing, metrics, the quality gate and the report's pictures."""
+
+from __future__ import annotations
+
+import json
+
+from slmflow.artifacts import ArtifactRef
+from slmflow.config import PipelineConfig
+from slmflow.report import build_report, confusion_svg, loss_curve_svg, write_report
+from slmflow.stages.evaluate import OTHER, parse_answer, score
+
+LABELS = ["Sad", "Joy", "Fear", "Surprise"]
+
+
+def test_parse_answer():
+    assert parse_answer(" Joy\n### Text", LABELS) == "Joy"
+    assert parse_answer("surprise!", LABELS) == "Surprise"
+    assert parse_answer("I think it is sad", LABELS) == OTHER
+
+
+def test_score_accuracy_f1_confusion():
+    m = score(["Sad", "Sad", "Joy", "Fear"], ["Sad", "Joy", "Joy", OTHER], LABELS)
+    assert m["accuracy"] == 0.5 and m["n"] == 4
+    assert m["confusion"]["Sad"]["Joy"] == 1 and m["confusion"]["Fear"][OTHER] == 1
+    # F1: Sad 2/3, Joy 2/3, Fear 0, Surprise 0
+    assert abs(m["macro_f1"] - (2 / 3 + 2 / 3) / 4) < 1e-9
+
+
+def _ref(kind, uri, meta):
+    return ArtifactRef(kind=kind, uri=str(uri), sha256="0" * 64, key="k", meta=meta)
+
+
+def _metrics(acc):
+    m = score(["Sad", "Joy"], ["Sad", "Joy"] if acc == 1 else ["Sad", "Sad"], LABELS)
+    return m | {"latency_ms_p50": 1.0, "latency_ms_p95": 2.0, "tokens_per_second": 9.0, "size_bytes": 10}
+
+
+def _report(tmp_path, merged_acc, exported_acc, drop=0.02):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir(exist_ok=True)
+    (adapter / "train_log.json").write_text(json.dumps([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]))
+    config = PipelineConfig(evaluate={"max_accuracy_drop": drop}, output_dir=str(tmp_path / "out"))
+    evals = {"base": _ref("evaluation", "b", _metrics(0)), "merged": _ref("evaluation", "m", _metrics(merged_acc)),
+             "exported": _ref("evaluation", "e", _metrics(exported_acc))}
+    return build_report(config, _ref("dataset", "d", {}), _ref("adapter", adapter, {"steps": 2}),
+                        _ref("merged_model", "m", {}), _ref("onnx_model", "o", {}), evals,
+                        {"finetune": {"seconds": 1.0, "cached": False}}, 3.0)
+
+
+def test_gate_passes_and_fails(tmp_path):
+    assert _report(tmp_path, 1, 1)["quality_gate"]["passed"]
+    failed = _report(tmp_path, 1, 0)["quality_gate"]
+    assert not failed["passed"] and failed["drop"] == 0.5
+    assert _report(tmp_path, 1, 0, drop=0.5)["quality_gate"]["passed"]
+
+
+def test_report_files(tmp_path):
+    report = _report(tmp_path, 1, 1)
+    path = write_report(report, tmp_path / "out")
+    loaded = json.loads(path.read_text())
+    assert loaded["models"]["exported"]["accuracy"] == 1.0 and loaded["exported_model_dir"] == "o"
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "confusion_exported.svg" in md and "loss_curve.svg" in md and "| Exported (ONNX) |" in md
+    assert (tmp_path / "out" / "confusion_exported.svg").read_text().startswith("<svg")
+
+
+def test_svgs_render_values():
+    svg = loss_curve_svg([{"step": 1, "loss": 2.0}, {"step": 5, "loss": 0.5}])
+    assert "<polyline" in svg
+    cm = score(["Sad"], ["Sad"], LABELS)["confusion"]
+    assert ">1</text>" in confusion_svg(cm, "t")
