@@ -31,10 +31,3 @@ def write_jsonl(tmp_path: Path):
 
     return write
 
-
-def tone_rows(n_per_label: int = 4) -> list[dict[str, str]]:
-    return [
-        {"phrase": f"example {label.lower()} number {i}", "tone": label}
-        for label in ("Sad", "Joy", "Fear", "Surprise")
-        for i in range(n_per_label)
-    ]

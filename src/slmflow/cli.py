@@ -30,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-prefect", action="store_true",
                      help="run the same stages as plain functions, without Prefect")
     _config_args(sub.add_parser("validate", help="check the config, files and data; load no model"))
-    _config_args(sub.add_parser("show-config", help="print the resolved config as YAML"))
+    show = sub.add_parser("show-config", help="print the resolved config as YAML")
+    _config_args(show)
+    show.add_argument("--reference", action="store_true", help="print the config reference (Markdown)")
     tiny = sub.add_parser("make-tiny-model", help="build the tiny random-init Phi-3 for tests")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
@@ -61,7 +63,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(build_tiny_phi3(args.dir, seed=args.seed))
         return 0
 
-    from slmflow.configio import dump_config, load_config
+    from slmflow.configio import config_reference, dump_config, load_config
+
+    if args.command == "show-config" and args.reference:
+        print(config_reference())
+        return 0
 
     config = load_config(args.config, args.overrides)
     if args.command == "show-config":

@@ -254,8 +254,10 @@ class ExportConfig(_Config):
         title="Mixed precision",
         description="e.g. last_matmul:int8,mixed_layers:int8 (overrides the algo_config alias).",
     )
-    extra_options: dict[str, str] = Field(
-        {}, title="Extra builder options", description="Passed as --extra_options KEY=VALUE."
+    extra_options: dict[str, str | bool | int | float] = Field(
+        {},
+        title="Extra builder options",
+        description="Passed as --extra_options KEY=VALUE (e.g. is_symmetric: false).",
     )
 
 

@@ -163,3 +163,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def dump_config(config: PipelineConfig) -> str:
     """The resolved config as YAML, every default written out."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def config_reference() -> str:
+    """The config reference as a Markdown table (the README's, kept in sync by a test)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                lines.append(f"| **`{prefix}{name}`** | | {(ann.__doc__ or '').splitlines()[0]} |")
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            shown = default.replace("\n", "\\n") if isinstance(default, str) else json.dumps(default)
+            desc = (field.description or field.title or "").replace("|", "\\|")
+            lines.append(f"| `{prefix}{name}` | `{shown}` | {desc} |")
+
+    walk(PipelineConfig, "")
+    return "\n".join(lines)

@@ -39,7 +39,7 @@ def _cached(report: dict) -> dict[str, bool]:
 def first_run(prefect_api, tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-run")
     data = out / "tones.jsonl"
-    shutil.copy(REPO / "src" / "slmflow" / "data" / "tones.jsonl", data)
+    shutil.copy(REPO / "src" / "slmflow" / "data" / "tones_small.jsonl", data)
     config = _config(tiny_model, out / "run", f"data.train_file={data}")
     return config, _run(config), data
 
@@ -94,7 +94,7 @@ def test_changing_evaluation_reruns_only_evaluation(first_run):
 def test_new_data_content_at_same_path_reruns_from_data_prep(first_run):
     config, _, data = first_run
     lines = data.read_text().splitlines()
-    data.write_text("\n".join(lines[:-8]) + "\n")  # same path, new content
+    data.write_text("\n".join(lines[:-4]) + "\n")  # same path, new content
     cached = _cached(_run(config.model_copy(update={"finetune": config.finetune.model_copy(update={"max_steps": 20})})))
     assert cached["base_model"] and not any(cached[s] for s in STAGES[1:])
 

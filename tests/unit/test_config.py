@@ -123,3 +123,11 @@ def _leaf_fields(model, prefix=""):
 def test_every_field_has_a_title_and_description_for_the_ui_form():
     missing = [name for name, f in _leaf_fields(PipelineConfig) if not (f.title and f.description)]
     assert not missing, missing
+
+
+def test_readme_config_reference_is_current():
+    from slmflow.configio import config_reference
+
+    assert config_reference() in (REPO / "README.md").read_text(), (
+        "README's config reference is stale: paste `slmflow show-config --reference` into it"
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import tone_rows
 from slmflow.config import DataConfig
 from slmflow.dataio import load_examples
 from slmflow.errors import DataError
@@ -79,5 +78,6 @@ def test_csv_and_json_array(tmp_path):
         load_examples(str(bad), DataConfig())
 
 
-def test_tone_rows_helper_roundtrip(write_jsonl):
-    assert len(load_examples(str(write_jsonl(tone_rows(2))), DataConfig())) == 8
+def test_all_four_labels_read(write_jsonl):
+    rows = [{"phrase": f"row {i}", "tone": t} for i, t in enumerate(["Sad", "Joy", "Fear", "Surprise"] * 2)]
+    assert [r["tone"] for r in load_examples(str(write_jsonl(rows)), DataConfig())][:4] == ["Sad", "Joy", "Fear", "Surprise"]

@@ -30,7 +30,7 @@ def builder_options(cfg: ExportConfig) -> dict[str, str]:
             opts["accuracy_level"] = str(cfg.accuracy_level)
         if cfg.matmul_mixed_precision:
             opts["matmul_mixed_precision"] = cfg.matmul_mixed_precision
-    opts.update(cfg.extra_options)
+    opts.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in cfg.extra_options.items()})
     return opts
 
 
@@ -83,9 +83,11 @@ def export_onnx(
         log("export: " + " ".join(cmd[2:]))
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
         if proc.returncode != 0 or not (out / "genai_config.json").is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+            cause = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "")
             raise StageCheckError(
-                f"export: the model builder failed (exit {proc.returncode}): " + " | ".join(tail)
+                f"export: the model builder failed (exit {proc.returncode}): {cause}; check "
+                "export.block_size (hidden sizes must divide by it) and export.algo_config"
             )
         prompt = read_split(data, "eval")[0]["prompt"]
         try:

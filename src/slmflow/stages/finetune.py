@@ -165,7 +165,7 @@ def finetune(
             weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm,
             adam_beta2=cfg.adam_beta2,
-            gradient_checkpointing=cfg.gradient_checkpointing and cfg.method == "lora",
+            activation_checkpointing=cfg.gradient_checkpointing and cfg.method == "lora",
             logging_steps=1,
             save_strategy="steps",
             save_steps=cfg.checkpoint_every,
