@@ -22,6 +22,7 @@ run: $(STAMP)
 	$(VENV)/bin/slmflow run
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src flows tasks tests bench
 	$(VENV)/bin/python -m pytest -m "not gpu and not azureml"
 
 test-fast: $(STAMP)

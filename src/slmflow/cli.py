@@ -5,6 +5,7 @@ Run as:
     slmflow validate [--config FILE] [--set ...]
     slmflow show-config [--config FILE] [--set ...]
     slmflow make-tiny-model DIR [--seed N]
+    slmflow convert-olive OLIVE_CONFIG.json      # the slmflow config, and what each Olive key became
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show-config", help="print the resolved config as YAML")
     _config_args(show)
     show.add_argument("--reference", action="store_true", help="print the config reference (Markdown)")
+    olive = sub.add_parser("convert-olive", help="translate an Olive config: print the slmflow "
+                           "config (YAML) and what each Olive key became")
+    olive.add_argument("file", help="an Olive config (JSON or YAML)")
     tiny = sub.add_parser("make-tiny-model", help="build the tiny random-init Phi-3 for tests")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
@@ -63,6 +67,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(build_tiny_phi3(args.dir, seed=args.seed))
         return 0
 
+    if args.command == "convert-olive":
+        from slmflow.olive import convert_olive
+
+        print(convert_olive(args.file), end="")
+        return 0
+
     from slmflow.configio import config_reference, dump_config, load_config
 
     if args.command == "show-config" and args.reference:
@@ -73,6 +83,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "show-config":
         print(dump_config(config), end="")
         return 0
+    for note in config.notes:  # what each key of a translated Olive config became
+        print(f"olive: {note}", file=sys.stderr, flush=True)
     from slmflow.preflight import validate_run
 
     summary = validate_run(config)
@@ -87,6 +99,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     else:
         # The ephemeral Prefect API can take over 20 s to start on a busy 2-core machine.
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry
         from flows.pipeline import slmflow_pipeline
 
         path = slmflow_pipeline(config)

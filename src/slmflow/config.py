@@ -119,6 +119,14 @@ class DataConfig(_Config):
         256, ge=16, le=32768, title="Max sequence length", description="Longer rows are an error."
     )
     seed: int = Field(42, title="Data seed", description="Seed of the train/eval split.")
+    corpus_strategy: Literal["line_by_line", "join"] = Field(
+        "line_by_line",
+        title="Corpus strategy",
+        description="How training rows become examples. line_by_line: one example per row, loss "
+        "per finetune.loss_on. join (Olive's): the rendered rows, each ended by EOS, are "
+        "concatenated and cut into chunks of max_seq_len tokens (at most the model's context), "
+        "loss on every token. Evaluation rows stay one per row.",
+    )
 
     @field_validator("labels")
     @classmethod
@@ -161,7 +169,7 @@ class FinetuneConfig(_Config):
     alpha: float = Field(32, gt=0, title="LoRA alpha", description="Scale is alpha / r.")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, title="LoRA dropout", description="On the adapter input.")
     target_modules: list[str] = Field(
-        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         title="Target modules",
         description="Module names to adapt (Phi-3: qkv_proj, o_proj; Llama/SmolLM2: q_proj ...).",
         min_length=1,
@@ -179,7 +187,7 @@ class FinetuneConfig(_Config):
         1, ge=1, title="Gradient accumulation", description="Batches summed per optimizer step."
     )
     max_steps: int | None = Field(
-        60, ge=1, title="Max steps", description="Optimizer steps; overrides epochs when set."
+        80, ge=1, title="Max steps", description="Optimizer steps; overrides epochs when set."
     )
     epochs: float = Field(1.0, gt=0, title="Epochs", description="Used when max_steps is null.")
     warmup_steps: int = Field(0, ge=0, title="Warmup steps", description="Linear warmup.")
@@ -299,4 +307,10 @@ class PipelineConfig(_Config):
         title="Stage cache",
         description="Content-keyed stage outputs (default: OUTPUT_DIR/cache). Runs that share it "
         "reuse each other's stages.",
+    )
+    notes: list[str] = Field(
+        default_factory=list,
+        title="Notes",
+        description="Where the config came from: for a translated Olive config, what each Olive "
+        "key became (written by the translator; logged and kept in the report).",
     )

@@ -112,13 +112,25 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def format_validation_error(
-    exc: ValidationError, model: type[BaseModel] = PipelineConfig, source: str = "config"
+    exc: ValidationError,
+    model: type[BaseModel] = PipelineConfig,
+    source: str = "config",
+    origins: dict[str, str] | None = None,
 ) -> str:
-    """One line per problem, joined: the key path, what is wrong, and the fix."""
+    """One line per problem, joined: the key path, what is wrong, and the fix.
+
+    `origins` (slmflow key → Olive key) names the Olive key behind a translated value.
+    """
     problems = []
     for err in exc.errors():
         loc = tuple(err["loc"])
         path = ".".join(str(p) for p in loc) or "(top level)"
+        if origins:
+            key = path if path in origins else ".".join(str(p) for p in loc[:2])
+            behind = [origins[key]] if key in origins else [
+                o for k, o in origins.items() if k.startswith(path + ".")]
+            if behind:
+                path = f"{path} (from Olive {', '.join(dict.fromkeys(behind[:3]))})"
         if err["type"] == "extra_forbidden":
             valid = _fields_at(model, loc[:-1])
             near = nearest_key(str(loc[-1]), valid)
@@ -136,28 +148,36 @@ def format_validation_error(
     return f"{source}: " + "; ".join(problems)
 
 
-def build_config(data: dict[str, Any], source: str = "config") -> PipelineConfig:
+def build_config(
+    data: dict[str, Any], source: str = "config", origins: dict[str, str] | None = None
+) -> PipelineConfig:
     """Validate a dict into a PipelineConfig, raising ConfigError with every problem named."""
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source=source)) from None
+        raise ConfigError(format_validation_error(exc, source=source, origins=origins)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """The config of a run: the embedded default, or a file, plus `--set` overrides.
 
-    An Olive config (it has `passes` or `input_model`) is translated first.
+    An Olive config (it has `passes` or `input_model`) is translated first (`slmflow.olive`): what
+    each Olive key became goes into `notes`; `--set` overrides then apply in slmflow's key names.
+    A config that asks for AzureML stops here, before any work.
     """
     data: dict[str, Any] = {} if path is None else read_config_file(path)
     source = "config" if path is None else str(path)
-    if path is not None and ("passes" in data or "input_model" in data):
-        raise ConfigError(
-            f"{path}: this is an Olive config; Olive configs are not supported yet "
-            "(write a slmflow config, see configs/)"
-        )
+    origins = None
+    if path is not None:
+        from slmflow import olive
+
+        if olive.is_olive_config(data):
+            data, notes = olive.translate_olive(data, source)
+            olive.check_runnable(notes, source)
+            data["notes"] = [str(n) for n in notes]
+            origins = olive.origins(notes)
     data = apply_overrides(data, list(overrides or []))
-    return build_config(data, source=source)
+    return build_config(data, source=source, origins=origins)
 
 
 def dump_config(config: PipelineConfig) -> str:

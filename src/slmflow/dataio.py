@@ -49,7 +49,7 @@ def read_rows(spec: str, hf_split: str = "train") -> tuple[Path | str, list[tupl
         name = spec[3:]
         try:
             ds = datasets.load_dataset(name, split=hf_split)
-        except Exception as exc:  # offline, unknown name, bad split: the message says which
+        except Exception as exc:  # noqa: BLE001 - offline, unknown name, bad split: its message says
             raise DataError(f"{spec}: could not load the dataset: {exc}") from None
         return spec, [(i + 1, dict(r)) for i, r in enumerate(ds)]
     try:
@@ -66,7 +66,7 @@ def read_rows(spec: str, hf_split: str = "train") -> tuple[Path | str, list[tupl
 
         try:
             table = pq.read_table(path)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any read failure means "not parquet"
             raise DataError(f"{path}: not a readable parquet file: {exc}") from None
         return path, [(i + 1, r) for i, r in enumerate(table.to_pylist())]
     raw = path.read_bytes()

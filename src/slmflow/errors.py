@@ -25,7 +25,7 @@ class QualityGateError(SlmflowError):
     report_path = None
 
     @classmethod
-    def for_report(cls, path, message: str) -> "QualityGateError":
+    def for_report(cls, path, message: str) -> QualityGateError:
         err = cls(message)
         err.report_path = str(path)
         return err

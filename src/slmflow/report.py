@@ -113,12 +113,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"# slmflow report: {report['name']}",
         f"Exported model: `{report['exported_model_dir']}`",
         "## Models on the eval split\n\n" + _md_table(model_table(report["models"])),
-        f"Quality gate {verdict}: exported accuracy {gate['exported_accuracy']:.4f} vs merged "
-        f"{gate['merged_accuracy']:.4f} (drop {gate['drop']:.4f}, allowed {gate['max_accuracy_drop']}).",
+        (f"Quality gate {verdict}: exported accuracy {gate['exported_accuracy']:.4f} vs merged "
+        f"{gate['merged_accuracy']:.4f} (drop {gate['drop']:.4f}, allowed {gate['max_accuracy_drop']})."),
         "## Confusion matrix (exported)\n\n![confusion](confusion_exported.svg)",
-        f"## Training\n\n{report['training'].get('steps')} steps, final loss "
+        (f"## Training\n\n{report['training'].get('steps')} steps, final loss "
         f"{report['training'].get('final_loss')}, {report['training'].get('tokens_per_second')} "
-        "tokens/s.\n\n![loss curve](loss_curve.svg)",
+        "tokens/s.\n\n![loss curve](loss_curve.svg)"),
         f"## Merge\n\nmax |logit diff| merged vs base+adapter: {report['merge'].get('max_logit_diff')}",
         "## Stages\n\n" + _md_table(stage_table(report["stages"])),
     ]) + "\n"

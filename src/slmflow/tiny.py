@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from slmflow.artifacts import build_folder
+
 TEMPLATE = "### Text: {phrase}\n### The tone is:\n{tone}"
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -169,8 +171,11 @@ def build_tiny_phi3(
         FileExistsError: When ``out_dir`` exists, is not empty and is not a complete build.
     """
     out_dir = Path(out_dir)
-    if is_complete(out_dir):
-        return out_dir
+
+    def write(tmp: Path) -> None:
+        _write_model(tmp, train_tokenizer(corpus_texts(corpus_files)), seed)
+
+    return build_folder(out_dir, write, is_complete)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not a complete tiny-model build")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -100,7 +100,8 @@ def test_new_data_content_at_same_path_reruns_from_data_prep(first_run):
 
 
 def test_missing_output_folder_is_rebuilt_not_trusted(first_run):
-    config, report, _ = first_run
+    config, _, _ = first_run
+    report = _run(config)  # whatever earlier tests changed, everything is built now
     shutil.rmtree(report["exported_model_dir"])
     cached = _cached(_run(config))
     assert not cached["export"] and cached["finetune"]
@@ -116,7 +117,7 @@ def test_cli_trains_on_other_data_without_code_change(tiny_model, tmp_path):
         [sys.executable, "-m", "slmflow.cli", "run", "--config", "configs/tiny-phi3_lora_cpu.yaml",
          "--set", f"model.name_or_path={tiny_model}", "--set", "data.train_file=tests/assets/tones_other.jsonl",
          "--set", f"output_dir={out}", "--set", "finetune.max_steps=30"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = [line for line in proc.stdout.splitlines() if line.startswith("report: ")]

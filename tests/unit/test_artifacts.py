@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from slmflow.artifacts import MANIFEST, ArtifactRef, hash_path, read_verified, run_stage, source_ref, stage_key
+from slmflow.artifacts import (
+    MANIFEST,
+    ArtifactRef,
+    hash_path,
+    read_verified,
+    run_stage,
+    source_ref,
+    stage_key,
+)
 from slmflow.config import DataConfig, FinetuneConfig
 
 

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from slmflow.config import PipelineConfig
-from slmflow.configio import apply_overrides, build_config, dump_config, load_config, read_config_file
+from slmflow.configio import (
+    apply_overrides,
+    build_config,
+    dump_config,
+    load_config,
+    read_config_file,
+)
 from slmflow.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

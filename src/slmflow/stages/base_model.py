@@ -15,7 +15,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from slmflow.artifacts import ArtifactRef, resolve_path, run_stage, source_ref, stable_hash, stage_key
+from slmflow.artifacts import (
+    ArtifactRef,
+    resolve_path,
+    run_stage,
+    source_ref,
+    stable_hash,
+    stage_key,
+)
 from slmflow.config import BaseModelConfig
 from slmflow.errors import ConfigError
 
@@ -31,7 +38,7 @@ def model_source_ref(cfg: BaseModelConfig) -> ArtifactRef:
             "model and set model.source=hf with model.name_or_path=LOCAL_FOLDER"
         )
     spec = cfg.name_or_path
-    local = spec.startswith("pkg:") or Path(spec).expanduser().exists() or spec.startswith((".", "/"))
+    local = spec.startswith(("pkg:", ".", "/")) or Path(spec).expanduser().exists()
     if cfg.source == "gguf" or local:
         try:
             path = resolve_path(spec)
@@ -71,7 +78,7 @@ def describe_model(folder: Path) -> dict[str, Any]:
     params = 0
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), "pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
                 shape = f.get_slice(key).get_shape()
                 n = 1
                 for d in shape:
@@ -130,7 +137,7 @@ def _download(cfg: BaseModelConfig, target: Path, log=print) -> None:
 
     log(f"downloading {cfg.name_or_path} (revision {cfg.revision or 'main'})")
     token = _hf_token()
-    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, token=token)
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, "token": token}
     tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.name_or_path, dtype=torch.float32, use_safetensors=True, **kwargs

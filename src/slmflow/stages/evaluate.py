@@ -94,8 +94,8 @@ def torch_generator(folder: Path, trust_remote_code: bool = False) -> tuple[Gene
     return generate, tokenizer
 
 
-def onnx_generator(folder: Path) -> Generator:
-    """Greedy continuation with onnxruntime-genai."""
+def onnx_generator(folder: Path) -> tuple[Generator, Any]:
+    """Greedy continuation with onnxruntime-genai, and its tokenizer."""
     import onnxruntime_genai as og
 
     model = og.Model(str(folder))
@@ -116,7 +116,7 @@ def onnx_generator(folder: Path) -> Generator:
             new.append(token)
         return new
 
-    return generate
+    return generate, og.Tokenizer(model)
 
 
 KIND = "evaluation"
@@ -156,7 +156,7 @@ def evaluate_model(
         rows = read_split(data, split)[: cfg.limit]
         if model.kind == "onnx_model":
             folder = model.path
-            generate = onnx_generator(folder)
+            generate, _ = onnx_generator(folder)
             tokenizer = AutoTokenizer.from_pretrained(folder)
         else:
             folder = model_dir(model)

@@ -123,7 +123,6 @@ def finetune(
     key = adapter_key(cfg, store, base, data)
 
     def build(out: Path, work: Path) -> dict[str, Any]:
-        import datasets
         import torch
         from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
@@ -135,7 +134,6 @@ def finetune(
         tokenizer = AutoTokenizer.from_pretrained(folder)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_split(data, "train")]
-        train_ds = datasets.Dataset.from_list(rows)
         torch.manual_seed(cfg.seed)
         model = load_for_training(cfg, folder, device)
         history: list[dict[str, float]] = []
@@ -182,7 +180,7 @@ def finetune(
         trainer = Trainer(
             model=model,
             args=args,
-            train_dataset=train_ds,
+            train_dataset=rows,  # a plain list: no `datasets` fingerprinting of our functions
             data_collator=_collate(pad_id),
             callbacks=[Progress()],
         )

@@ -1,7 +1,8 @@
 """Stage 2: load and check the data, render the template, split deterministically, tokenize.
 
 Writes `train.jsonl` and `eval.jsonl` (one row each: the source columns, `label`, `prompt`,
-`answer`, `input_ids`, `labels`) and `stats.json`.
+`answer`, `input_ids`, `labels`) and `stats.json`. With `data.corpus_strategy: join` (Olive's) the
+training rows are joined and cut into chunks instead (`chunk`, `input_ids`, `labels`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from slmflow.dataio import load_examples
 from slmflow.errors import DataError
 from slmflow.textformat import render_example
 
-VERSION = 1
+VERSION = 2  # 2: corpus_strategy join
 
 
 def split_examples(
@@ -64,6 +65,35 @@ def tokenize_example(ex: dict[str, Any], tokenizer, cfg: DataConfig, loss_on: st
         "input_ids": input_ids,
         "labels": labels,
     }
+
+
+def join_chunks(
+    rows: list[dict[str, Any]], tokenizer, cfg: DataConfig, context: int | None
+) -> list[dict[str, Any]]:
+    """Olive's `corpus_strategy: join`: every rendered row (with the tokenizer's special tokens,
+    ended by EOS) concatenated, then cut into chunks of max_seq_len tokens, loss on every token.
+
+    Unlike Olive, the last shorter chunk is kept (Olive drops it: a small dataset would give no
+    chunk at all); a chunk of one token (no next-token target) is dropped. `context` caps the chunk
+    length at the model's context length.
+    """
+    size = min(cfg.max_seq_len, context) if context else cfg.max_seq_len
+    ids: list[int] = []
+    for ex in rows:
+        text = render_example(ex, cfg.text_template, cfg.label_column)["text"]
+        ids += tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    chunks = [ids[i : i + size] for i in range(0, len(ids), size)]
+    return [
+        {"chunk": n, "input_ids": c, "labels": list(c)} for n, c in enumerate(chunks) if len(c) > 1
+    ]
+
+
+def _context_length(folder: Path) -> int | None:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("max_position_embeddings")
 
 
 KIND = "dataset"
@@ -113,22 +143,28 @@ def prepare_data(
         stats: dict[str, Any] = {}
         for name, rows in (("train", train), ("eval", held)):
             where = train_source.uri if name == "train" or eval_source is None else eval_source.uri
-            try:
-                tokenized = [tokenize_example(ex, tokenizer, cfg, loss_on) for ex in rows]
-            except DataError as exc:
-                raise DataError(f"{where}:{exc}") from None
+            if name == "train" and cfg.corpus_strategy == "join":
+                tokenized = join_chunks(rows, tokenizer, cfg, _context_length(model_dir(base)))
+            else:
+                try:
+                    tokenized = [tokenize_example(ex, tokenizer, cfg, loss_on) for ex in rows]
+                except DataError as exc:
+                    raise DataError(f"{where}:{exc}") from None
             with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
-                for row in tokenized:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in tokenized)
             lengths = [len(r["input_ids"]) for r in tokenized]
             stats[name] = {
                 "rows": len(tokenized),
-                "labels": dict(Counter(r["label"] for r in tokenized)),
+                "labels": dict(Counter(r[cfg.label_column] for r in rows)),
                 "tokens": sum(lengths),
                 "max_len": max(lengths),
             }
+        joined = ""
+        if cfg.corpus_strategy == "join":
+            stats["train"]["joined_rows"] = len(train)
+            joined = f" (chunks of <= {stats['train']['max_len']} tokens joined from {len(train)} rows)"
         (out / "stats.json").write_text(json.dumps(stats, indent=2))
-        log(f"data: {stats['train']['rows']} train / {stats['eval']['rows']} eval rows")
+        log(f"data: {stats['train']['rows']} train{joined} / {stats['eval']['rows']} eval rows")
         return stats
 
     return run_stage(KIND, key, store, parents, build, log=log)

@@ -1,0 +1,455 @@
+"""Olive configs: golden translations of the seed's blocks and an Olive 0.13 config, typos,
+refusals, AzureML offline, the join corpus strategy, and the README table."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from slmflow.configio import build_config, load_config
+from slmflow.errors import ConfigError
+from slmflow.olive import check_runnable, is_olive_config, olive_reference, origins, translate_olive
+
+REPO = Path(__file__).resolve().parents[2]
+ASSETS = REPO / "tests" / "assets" / "olive"
+TEMPLATE = "### Text: {phrase}\n### The tone is:\n{tone}"
+
+
+def asset(name: str) -> dict:
+    return json.loads((ASSETS / f"{name}.json").read_text())
+
+
+def seed(**blocks) -> dict:
+    """The seed's example config assembled from its blocks, with the named blocks swapped in."""
+    config = asset("seed_full")
+    config.update(copy.deepcopy(blocks))
+    return config
+
+
+def local_engine() -> dict:
+    """The seed's engine block without the AzureML host/target (how to run it here)."""
+    return {k: v for k, v in asset("seed_engine")["engine"].items() if k not in ("host", "target")}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """A working directory with the seed's relative data file (the bundled tone rows)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dataset").mkdir()
+    (tmp_path / "data").mkdir()
+    tones = REPO / "src" / "slmflow" / "data" / "tones_small.jsonl"
+    shutil.copy(tones, tmp_path / "dataset" / "dataset-classification.json")
+    shutil.copy(tones, tmp_path / "data" / "train.jsonl")
+    shutil.copy(REPO / "tests" / "assets" / "tones_other.jsonl", tmp_path / "data" / "eval.jsonl")
+    return tmp_path
+
+
+def write(path: Path, config: dict) -> Path:
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+SEED_DATA = {
+    "train_file": "dataset/dataset-classification.json",
+    "text_columns": ["phrase", "tone"],
+    "text_template": TEMPLATE,
+    "label_column": "tone",
+    "corpus_strategy": "join",
+    "max_seq_len": 2048,
+    "eval_split": 0.3,
+    "seed": 42,
+}
+SEED_FINETUNE = {
+    "method": "qlora", "target_modules": ["o_proj", "qkv_proj"], "double_quant": True, "r": 64,
+    "alpha": 64, "dropout": 0.1, "seed": 0, "batch_size": 1, "gradient_accumulation_steps": 4,
+    "gradient_checkpointing": False, "learning_rate": 1e-4, "epochs": 3, "max_steps": 10,
+    "group_by_length": True, "adam_beta2": 0.999, "max_grad_norm": 0.3, "device": "auto",
+}
+SEED_FULL = {
+    "model": {"source": "hf", "name_or_path": "model-cache/microsoft/phi-3-mini",
+              "trust_remote_code": True},
+    "data": SEED_DATA,
+    "finetune": SEED_FINETUNE,
+    "export": {"precision": "int4", "execution_provider": "cuda"},
+    "output_dir": "../model-cache/models/phi3-finetuned",
+    "cache_dir": "../model-cache/models/phi3-finetuned/cache",
+}
+
+
+# ---- golden translations -----------------------------------------------------------------------
+def test_seed_example_config_translates_to_the_golden_dict(workdir):
+    out, notes = translate_olive(asset("seed_full"), "seed_full.json")
+    assert out == SEED_FULL
+    assert build_config(out).finetune.method == "qlora"  # the dict is a valid slmflow config
+    by_key = {n.olive_key: n.became for n in notes}
+    assert "finetune.alpha = 64" in by_key["passes.lora.config.lora_alpha"]
+    assert "double_quant: true in a LoRA pass: QLoRA" in by_key["passes.lora.type"]
+    assert "data.labels: slmflow's default" in by_key[
+        "data_configs[0].load_dataset_config.params.data_files"]
+    assert by_key["engine.search_strategy"].startswith("noted: ")
+    assert by_key["engine.log_severity_level"].startswith("noted: ")
+    assert "label is the template's last placeholder" in by_key[
+        "data_configs[0].pre_process_data_config.params.text_template"]
+
+
+def _leaves(node, path=""):
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from _leaves(value, f"{path}.{key}" if path else key)
+    elif isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
+        for i, value in enumerate(node):
+            yield from _leaves(value, f"{path}[{i}]")
+    else:
+        yield path
+
+
+@pytest.mark.parametrize("name", ["seed_full", "olive013"])
+def test_every_olive_key_gets_a_note(workdir, name):
+    _, notes = translate_olive(asset(name), name)
+    keys = {n.olive_key for n in notes}
+    silent = [leaf for leaf in _leaves(asset(name))
+              if not any(leaf == k or leaf.startswith((k + ".", k + "["))
+                         for k in keys)]
+    assert not silent, f"keys without a note: {silent}"
+
+
+def test_seed_local_data_block(workdir):
+    out, _ = translate_olive(seed(data_configs=asset("seed_data_local")["data_configs"]))
+    assert out["data"] == SEED_DATA
+
+
+def test_seed_azureml_data_block_translates_to_the_azureml_target(workdir):
+    out, notes = translate_olive(seed(data_configs=asset("seed_data_azureml")["data_configs"]))
+    assert out["data"] == {
+        "train_file": "azureml://subscriptions/Your Azure Subscrition ID/resourcegroups/Your Azure "
+                      "Resource Group/workspaces/Your Azure ML Workspaces name/datastores/"
+                      "workspaceblobstore/paths/Your train_data.json Azure ML Location",
+        "text_columns": ["Question", "Best Answer"],
+        "text_template": "<|user|>\n{Question}<|end|>\n<|assistant|>\n{Best Answer}\n<|end|>",
+        "label_column": "Best Answer",
+        "corpus_strategy": "join", "max_seq_len": 2048, "eval_split": 0.3, "seed": 42,
+    }
+    blocked = [n.blocker for n in notes if n.blocker]
+    assert any("AzureML datastore workspaceblobstore" in b for b in blocked)
+
+
+def test_seed_local_model_block(workdir):
+    out, _ = translate_olive(seed(input_model=asset("seed_model_local")["input_model"]))
+    assert out["model"] == SEED_FULL["model"]
+
+
+def test_seed_registry_model_block(workdir):
+    out, notes = translate_olive(seed(input_model=asset("seed_model_registry")["input_model"]))
+    assert out["model"] == {"source": "azureml_registry", "name_or_path":
+                            "microsoft/Phi-3-mini-4k-instruct", "registry_name": "azureml-msr",
+                            "version": "11", "trust_remote_code": True}
+    by_key = {n.olive_key: n for n in notes}
+    assert by_key["input_model.config.model_path"].blocker
+    assert by_key["input_model.config.model_file_format"].became.startswith("noted: ")
+    assert "comes from model_path" in by_key["input_model.config.hf_config.model_name"].became
+
+
+def test_seed_lora_pass_block(workdir):
+    passes = {**asset("seed_lora_pass"), **asset("seed_merge_builder")}
+    out, _ = translate_olive(seed(passes=passes))
+    assert out["finetune"] == SEED_FINETUNE
+    assert (out["data"]["eval_split"], out["data"]["seed"]) == (0.3, 42)
+
+
+def test_seed_lora_pass_without_double_quant_is_lora(workdir):
+    passes = {**asset("seed_lora_pass"), **asset("seed_merge_builder")}
+    del passes["lora"]["config"]["double_quant"]
+    out, _ = translate_olive(seed(passes=passes))
+    assert out["finetune"]["method"] == "lora" and "double_quant" not in out["finetune"]
+
+
+def test_seed_merge_and_builder_block(workdir):
+    out, notes = translate_olive(seed(passes={**asset("seed_lora_pass"),
+                                              **asset("seed_merge_builder")}))
+    assert out["export"] == {"precision": "int4", "execution_provider": "cuda"}
+    by_key = {n.olive_key: n.became for n in notes}
+    assert "k_quant_mixed" in by_key["passes.builder.config.precision"]
+    assert by_key["passes.merge_adapter_weights.type"].startswith("merge")
+
+
+def test_seed_systems_and_engine_blocks(workdir):
+    out, notes = translate_olive(seed(**asset("seed_systems"), **asset("seed_engine")))
+    assert (out["output_dir"], out["cache_dir"]) == (SEED_FULL["output_dir"], SEED_FULL["cache_dir"])
+    assert out["export"]["execution_provider"] == "cuda" and out["finetune"]["device"] == "auto"
+    blocked = sorted(n.olive_key for n in notes if n.blocker)
+    assert blocked == ["engine.host", "engine.target"]
+    aml = [n for n in notes if n.olive_key.startswith("systems.")]
+    assert len(aml) == 9 and all("AzureML target" in n.became for n in aml)
+
+
+def test_olive_013_config_translates_to_the_golden_dict(workdir):
+    out, notes = translate_olive(asset("olive013"), "olive013.json")
+    assert out == {
+        "model": {"source": "hf", "name_or_path": "models/phi-3-mini", "trust_remote_code": False},
+        "finetune": {
+            "method": "qlora", "r": 16, "alpha": 32, "dropout": 0.0,
+            "target_modules": ["qkv_proj", "o_proj"], "quant_type": "nf4", "double_quant": True,
+            "compute_dtype": "float32", "seed": 0, "batch_size": 16,
+            "gradient_accumulation_steps": 1, "learning_rate": 0.005, "max_steps": 20,
+            "lr_scheduler": "linear", "warmup_steps": 2, "gradient_checkpointing": False,
+            "checkpoint_every": 10,
+        },
+        "data": {
+            "train_file": "data/train.jsonl", "eval_file": "data/eval.jsonl",
+            "text_columns": ["phrase", "tone"], "text_template": TEMPLATE, "label_column": "tone",
+            "corpus_strategy": "line_by_line", "max_seq_len": 256,
+        },
+        "export": {"precision": "int4", "algo_config": "k_quant_mixed", "block_size": 32,
+                   "execution_provider": "cpu"},
+        "output_dir": "out/phi3-tones",
+        "cache_dir": "out/phi3-tones/cache",
+    }
+    assert not any(n.blocker for n in notes)
+    build_config(out)
+
+
+def test_load_config_translates_and_applies_overrides_in_slmflow_names(workdir):
+    path = write(workdir / "olive-config.json", asset("olive013"))
+    config = load_config(path, ["finetune.max_steps=5", "evaluate.max_accuracy_drop=1.0"])
+    assert config.finetune.max_steps == 5 and config.finetune.method == "qlora"
+    assert config.evaluate.max_accuracy_drop == 1.0
+    assert any(n.startswith("passes.qlora.alpha: 32 → finetune.alpha = 32") for n in config.notes)
+    assert config.model_dump(mode="json")["notes"] == config.notes  # report.json's config section
+
+
+def test_labels_are_the_distinct_values_of_the_label_column(workdir):
+    rows = [{"text": f"row {i}", "sentiment": ["positive", "negative"][i % 2]} for i in range(8)]
+    (workdir / "dataset" / "reviews.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data_configs = asset("seed_data_local")["data_configs"]
+    params = data_configs[0]["pre_process_data_config"]["params"]
+    params.update(text_cols=["text", "sentiment"], text_template="{text} => {sentiment}")
+    data_configs[0]["load_dataset_config"]["params"]["data_files"] = "dataset/reviews.jsonl"
+    out, _ = translate_olive(seed(data_configs=data_configs))
+    assert out["data"]["labels"] == ["positive", "negative"]
+    assert out["data"]["label_column"] == "sentiment"
+
+
+def test_free_text_label_column_is_refused(workdir):
+    rows = [{"q": f"question {i}", "a": f"answer {i}"} for i in range(60)]
+    (workdir / "dataset" / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data_configs = asset("seed_data_local")["data_configs"]
+    data_configs[0]["pre_process_data_config"]["params"].update(text_cols=["q", "a"],
+                                                                text_template="{q}\n{a}")
+    data_configs[0]["load_dataset_config"]["params"]["data_files"] = "dataset/qa.jsonl"
+    with pytest.raises(ConfigError, match=r"text_template: the label column 'a' .* has 60 distinct "
+                                          r"values .*slmflow fine-tunes classifiers"):
+        translate_olive(seed(data_configs=data_configs))
+
+
+def test_missing_data_file_keeps_default_labels_with_a_note(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out, notes = translate_olive(asset("seed_full"))
+    assert "labels" not in out["data"]
+    note = next(n for n in notes if n.olive_key.endswith("data_files"))
+    assert "could not read the file" in note.became
+
+
+# ---- typos, refusals, references ---------------------------------------------------------------
+def _edit(config: dict, dotted: str, value=None, delete: str | None = None) -> dict:
+    node = config
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node[part]
+    if delete:
+        node[delete] = node.pop(last)
+    else:
+        node[last] = value
+    return config
+
+
+@pytest.mark.parametrize("dotted, new, match", [
+    ("passes.lora.config.lora_r", "lora_rr",
+     r"passes\.lora\.config\.lora_rr: unknown Olive key 'lora_rr'; did you mean 'lora_r'\?"),
+    ("passes.lora.config.training_args.learning_rate", "learning_rat",
+     r"training_args\.learning_rat: unknown Olive key 'learning_rat'; did you mean 'learning_rate'"),
+    ("engine.output_dir", "output_dri", r"engine\.output_dri: .*did you mean 'output_dir'\?"),
+    ("input_model", "input_modle", r"input_modle: unknown Olive key .*did you mean 'input_model'\?"),
+    ("data_configs.0.pre_process_data_config.params.text_cols", "text_colls",
+     r"data_configs\[0\]\.pre_process_data_config\.params\.text_colls: .*did you mean 'text_cols'"),
+    ("data_configs.0.load_dataset_config.params.data_files", "data_file",
+     r"did you mean 'data_files'\?"),
+])
+def test_typos_name_the_nearest_valid_olive_key(workdir, dotted, new, match):
+    with pytest.raises(ConfigError, match=match):
+        translate_olive(_edit(asset("seed_full"), dotted, delete=new), "cfg")
+
+
+@pytest.mark.parametrize("dotted, value, match", [
+    ("passes.lora.type", "LoRAA", r"passes\.lora\.type: unknown pass type 'LoRAA'; did you mean 'LoRA'"),
+    ("engine.execution_providers", ["CUDAExecutionProvidr"],
+     r"unknown execution provider 'CUDAExecutionProvidr'; did you mean 'CUDAExecutionProvider'"),
+    ("data_configs.0.pre_process_data_config.params.corpus_strategy", "joinn",
+     r"unknown strategy 'joinn'; did you mean 'join'"),
+    ("input_model.type", "PyTorchModl", r"unknown model type 'PyTorchModl'; did you mean 'PyTorchModel'"),
+    ("systems.aml.type", "AzureMl", r"unknown system type 'AzureMl'; did you mean 'AzureML'"),
+])
+def test_typos_in_values_name_the_nearest_valid_value(workdir, dotted, value, match):
+    with pytest.raises(ConfigError, match=match):
+        translate_olive(_edit(asset("seed_full"), dotted, value), "cfg")
+
+
+@pytest.mark.parametrize("dotted, value, match", [
+    ("evaluators", {"common": {"metrics": []}}, r"evaluators: not supported: slmflow evaluates"),
+    ("engine.search_strategy", {"execution_order": "joint"},
+     r"engine\.search_strategy: not supported: slmflow runs each pass once"),
+    ("passes.builder.type", "OnnxConversion", (r"passes\.builder\.type: not supported: the "
+                                              r"OnnxConversion pass")),
+    ("input_model.type", "ONNXModel", r"input_model\.type: not supported: .*not a ONNXModel"),
+    ("data_configs.0.pre_process_data_config.params.corpus_strategy", "join-random",
+     r"corpus_strategy: not supported: join-random"),
+    ("data_configs.0.pre_process_data_config.params.dataset_type", "pair",
+     r"dataset_type: not supported: dataset_type 'pair'"),
+    ("passes.lora.config.bias", "all", (r"passes\.lora\.config\.bias: not supported: slmflow trains "
+                                       r"no bias terms")),
+    ("passes.lora.config.training_args.optim", "sgd", (r"optim: not supported: slmflow trains with "
+                                                      r"AdamW")),
+    ("passes.lora.config.eval_dataset_size", 30, r"eval_dataset_size: give a fraction"),
+    ("passes.builder.config.precision", "bf16", r"precision: not supported: precision 'bf16'"),
+    ("passes.builder.config.exclude_lm_head", True, r"exclude_lm_head: not supported"),
+    ("engine.execution_providers", ["CUDAExecutionProvider", "CPUExecutionProvider"],
+     r"not supported: 2 execution providers"),
+    ("engine.execution_providers", ["QNNExecutionProvider"], r"not supported: QNNExecutionProvider"),
+    ("systems.aml.type", "Docker", r"systems\.aml\.type: not supported: Docker systems"),
+    ("passes.lora.config.r", 8, (r"passes\.lora\.config\.r: sets finetune\.r = 8, but "
+                                r"passes\.lora\.config\.lora_r set it to 64; keep one of them")),
+    ("input_model.config.adapter_path", "adapters/x", r"adapter_path: not supported"),
+    ("data_configs.0.load_dataset_config.params.split", "test",
+     r"split: not supported: split 'test' of a local file"),
+])
+def test_unsupported_keys_are_refused_with_the_reason(workdir, dotted, value, match):
+    with pytest.raises(ConfigError, match=match):
+        translate_olive(_edit(asset("seed_full"), dotted, value), "cfg")
+
+
+def test_pass_order_and_count_are_checked(workdir):
+    config = asset("seed_full")
+    config["passes"] = {"builder": config["passes"]["builder"], "lora": config["passes"]["lora"]}
+    with pytest.raises(ConfigError, match=r"passes: slmflow runs fine-tune → merge → export; the "
+                                          r"passes here are in another order"):
+        translate_olive(config)
+    config["passes"] = {"builder": config["passes"]["builder"]}
+    with pytest.raises(ConfigError, match=r"passes: slmflow runs one LoRA or QLoRA pass, found 0"):
+        translate_olive(config)
+
+
+def test_dangling_train_data_config_names_the_nearest_data_config(workdir):
+    config = _edit(asset("seed_full"), "passes.lora.config.train_data_config", "dataset_default_trian")
+    with pytest.raises(ConfigError, match=r"passes\.lora\.config\.train_data_config: unknown data "
+                                          r"config 'dataset_default_trian'; did you mean "
+                                          r"'dataset_default_train'\?"):
+        translate_olive(config, "cfg")
+
+
+def test_dangling_system_reference_names_the_systems(workdir):
+    with pytest.raises(ConfigError, match=r"engine\.target: unknown system 'am'; did you mean 'aml'"):
+        translate_olive(_edit(asset("seed_full"), "engine.target", "am"))
+
+
+def test_a_value_slmflow_rejects_names_the_olive_key_behind_it(workdir):
+    config = _edit(asset("seed_full"), "passes.lora.config.training_args.lr_scheduler_type",
+                   "constant_with_warmup")
+    config["engine"] = local_engine()
+    path = write(workdir / "olive.json", config)
+    with pytest.raises(ConfigError, match=r"finetune\.lr_scheduler \(from Olive passes\.lora\.config"
+                                          r"\.training_args\.lr_scheduler_type\): Input should be"):
+        load_config(path)
+
+
+def test_not_an_olive_config():
+    assert is_olive_config({"passes": {}}) and is_olive_config({"input_model": {}})
+    assert not is_olive_config({"finetune": {"r": 8}})
+    with pytest.raises(ConfigError, match=r"not an Olive config"):
+        translate_olive({"finetune": {}})
+
+
+# ---- AzureML, offline --------------------------------------------------------------------------
+AZURE = r"this Olive config asks for AzureML \({}\), but the AzureML target is not available in " \
+        r"this build, so nothing was run; to run locally, download the model and the data"
+
+
+def test_azureml_host_and_target_stop_the_run_before_any_work(workdir, capsys):
+    from slmflow.cli import main
+
+    path = write(workdir / "olive-config.json", asset("seed_full"))
+    match = AZURE.format(r"engine\.host: AzureML system 'aml'; engine\.target: AzureML system 'aml'")
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "AzureML target" in err
+    assert not (workdir.parent / "model-cache").exists()
+
+
+def test_azureml_registry_model_stops_the_run(workdir):
+    config = seed(input_model=asset("seed_model_registry")["input_model"], engine=local_engine())
+    path = write(workdir / "olive-config.json", config)
+    match = AZURE.format(r"input_model\.config\.model_path: registry model "
+                         r"azureml-msr/microsoft/Phi-3-mini-4k-instruct:11")
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)
+
+
+def test_azureml_datastore_stops_the_run(workdir):
+    config = seed(data_configs=asset("seed_data_azureml")["data_configs"], engine=local_engine())
+    path = write(workdir / "olive-config.json", config)
+    with pytest.raises(ConfigError, match=AZURE.format(r".*AzureML datastore workspaceblobstore")):
+        load_config(path)
+
+
+def test_convert_olive_shows_an_azureml_config(workdir, capsys):
+    from slmflow.cli import main
+
+    path = write(workdir / "olive-config.json", asset("seed_full"))
+    assert main(["convert-olive", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("model:\n  source: hf\n") and "corpus_strategy: join" in out
+    assert "| passes.lora.config.lora_alpha | 64 | finetune.alpha = 64" in out
+    assert "not runnable in this build" in out and "notes:" not in out
+
+
+def test_the_seed_config_runs_locally_without_host_and_target(workdir):
+    _, notes = translate_olive(seed(engine=local_engine()))
+    check_runnable(notes)  # the unused AzureML systems are only noted
+    assert origins(notes)["finetune.alpha"] == "passes.lora.config.lora_alpha"
+
+
+# ---- the join corpus strategy ------------------------------------------------------------------
+class _CharTokenizer:
+    """One token per character, BOS 1 in front, EOS 2."""
+
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
+
+
+def test_join_chunks_concatenates_rows_with_eos_and_cuts_chunks():
+    from slmflow.config import DataConfig
+    from slmflow.stages.prepare_data import join_chunks
+
+    cfg = DataConfig(text_columns=["t", "l"], text_template="{t}:{l}", label_column="l",
+                     labels=["a", "b"], max_seq_len=16, corpus_strategy="join")
+    rows = [{"t": "xyz", "l": "a"}, {"t": "hello", "l": "b"}, {"t": "q", "l": "a"}]
+    chunks = join_chunks(rows, _CharTokenizer(), cfg, context=None)
+    ids = [i for c in chunks for i in c["input_ids"]]
+    assert ids == [1, *map(ord, "xyz:a"), 2, 1, *map(ord, "hello:b"), 2, 1, *map(ord, "q:a"), 2]
+    assert [len(c["input_ids"]) for c in chunks] == [16, 5]  # the last shorter chunk is kept
+    assert all(c["labels"] == c["input_ids"] for c in chunks)  # loss on every token
+    capped = join_chunks(rows, _CharTokenizer(), cfg, context=10)
+    assert [len(c["input_ids"]) for c in capped] == [10, 10]  # a 1-token chunk has no target
+
+
+# ---- README -------------------------------------------------------------------------------------
+def test_readme_olive_table_is_current():
+    assert olive_reference() in (REPO / "README.md").read_text(), (
+        "README's Olive table is stale: regenerate it with slmflow.olive.olive_reference()"
+    )
