@@ -22,6 +22,7 @@ from prefect import flow
 from slmflow.artifacts import ArtifactRef
 from slmflow.config import PipelineConfig
 from slmflow.errors import QualityGateError
+from slmflow.manifest import build_manifest, publish_model
 from slmflow.preflight import check_output_dir, store_dir, validate_run
 from slmflow.report import build_report, write_report
 
@@ -40,7 +41,7 @@ def run_pipeline(config: PipelineConfig, run: Runner, publish: Callable[[dict, P
         t0 = time.perf_counter()
         ref, cached = run(name, label=label, store=store, **kwargs)
         timings[label] = {"seconds": round(time.perf_counter() - t0, 3), "cached": cached,
-                          "key": ref.key, "uri": ref.uri}
+                          "key": ref.key, "sha256": ref.sha256, "uri": ref.uri}
         return ref
 
     base = stage("base_model", "base_model", cfg=config.model, source=sources["model_source"])
@@ -57,8 +58,12 @@ def run_pipeline(config: PipelineConfig, run: Runner, publish: Callable[[dict, P
         for name, model in (("base", base), ("merged", merged), ("exported", onnx))
     }
 
+    refs = {"base_model": base, "prepare_data": data, "finetune": adapter, "merge": merged,
+            "export": onnx}
+    inputs = {k: sources[k] for k in ("model_source", "train_source", "eval_source")}
+    model_dir = publish_model(onnx, out_dir, build_manifest(config, inputs, refs))
     report = build_report(config, data, adapter, merged, onnx, evaluations, timings,
-                          total_seconds=time.perf_counter() - started)
+                          total_seconds=time.perf_counter() - started, exported_dir=model_dir)
     path = write_report(report, out_dir)
     if publish:
         publish(report, path)

@@ -124,7 +124,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]) + "\n"
 
 
-def build_report(config, data, adapter, merged, onnx, evaluations, timings, total_seconds) -> dict[str, Any]:
+def build_report(
+    config, data, adapter, merged, onnx, evaluations, timings, total_seconds, exported_dir=None
+) -> dict[str, Any]:
     """The report of one run, from the stage references (all small, all JSON)."""
     from slmflow import __version__
 
@@ -137,7 +139,7 @@ def build_report(config, data, adapter, merged, onnx, evaluations, timings, tota
         "name": Path(config.output_dir).name,
         "slmflow_version": __version__,
         "models": models,
-        "exported_model_dir": onnx.uri,
+        "exported_model_dir": str(exported_dir or onnx.uri),
         "merged_model_dir": str(Path(merged.uri) / "model"),
         "adapter_dir": adapter.uri,
         "quality_gate": {

@@ -52,7 +52,15 @@ def test_first_run_writes_a_loadable_int4_model_and_report(first_run):
     # Fine-tuning teaches the random-init model the task; the base model knows nothing.
     assert report["models"]["merged"]["accuracy"] > report["models"]["base"]["accuracy"] + 0.2
     exported = Path(report["exported_model_dir"])
+    assert exported == Path(config.output_dir) / "model"
     assert (exported / "model.onnx").is_file() and (exported / "genai_config.json").is_file()
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert manifest["versions"]["torch"] and manifest["versions"]["onnxruntime-genai"]
+    assert manifest["builder_options"]["algo_config"] == "k_quant_mixed"
+    assert manifest["seeds"] == {"data": config.data.seed, "finetune": config.finetune.seed}
+    assert manifest["config"] == config.model_dump(mode="json") and "git_commit" in manifest
+    assert set(manifest["inputs"]) == {"model_source", "train_source"}
+    assert manifest["stages"]["export"]["sha256"] == report["stages"]["export"]["sha256"]
     assert report["export"]["builder_options"]["algo_config"] == "k_quant_mixed"
     assert report["merge"]["max_logit_diff"] < 1e-3
     assert len(report["training"]["loss_curve"]) == report["training"]["steps"]
@@ -102,9 +110,10 @@ def test_new_data_content_at_same_path_reruns_from_data_prep(first_run):
 def test_missing_output_folder_is_rebuilt_not_trusted(first_run):
     config, _, _ = first_run
     report = _run(config)  # whatever earlier tests changed, everything is built now
-    shutil.rmtree(report["exported_model_dir"])
+    shutil.rmtree(report["stages"]["export"]["uri"])
     cached = _cached(_run(config))
     assert not cached["export"] and cached["finetune"]
+    assert Path(report["stages"]["export"]["uri"], "model.onnx").is_file()
     assert Path(report["exported_model_dir"], "model.onnx").is_file()
 
 
