@@ -54,14 +54,26 @@ class StageCache(CachePolicy):
         return key
 
 
+# torch's CUDA/MPS ("out of memory") and CPU ("DefaultCPUAllocator: can't allocate memory ...
+# Error code 12 (Cannot allocate memory)") allocation failures: a retry would fail the same way.
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
+# Errors of code or arguments: the same inputs fail the same way on every try.
+_DETERMINISTIC = (TypeError, ValueError, AttributeError, NameError, ImportError, KeyError,
+                  IndexError, AssertionError, NotImplementedError)
+
+
 def is_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
     """Retry what may pass on a second try; never config, data, check or out-of-memory errors."""
     try:
         state.result()
-    except (SlmflowError, MemoryError):
+    except SlmflowError as exc:
+        return exc.retryable
+    except (MemoryError, *_DETERMINISTIC):
         return False
     except Exception as exc:  # noqa: BLE001 - the policy looks at every other failure
-        return "out of memory" not in str(exc).lower()
+        oom = any(c.__name__ == "OutOfMemoryError" for c in type(exc).__mro__)  # torch's, any device
+        text = str(exc).lower()
+        return not oom and not any(m in text for m in _OOM_MESSAGES)
     return False
 
 

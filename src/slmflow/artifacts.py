@@ -141,6 +141,10 @@ def run_stage(
     final = stage_dir(store, kind, key)
     final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final) + ".lock"):
+        # Builds of this key happen only under this lock, so a temporary folder of it that
+        # exists now was left by a killed process: remove it (the work folder is kept).
+        for left in [*final.parent.glob(f".tmp-{key}-*"), *final.parent.glob(f".stale-{key}-*")]:
+            shutil.rmtree(left, ignore_errors=True)
         ref = read_verified(final)
         if ref is not None:
             return ref.model_copy(update={"cached": True})

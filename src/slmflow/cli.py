@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     except SlmflowError as exc:
         if getattr(exc, "report_path", None):
             print(f"report: {exc.report_path}", flush=True)
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + " ".join(str(exc).split("\n")), file=sys.stderr)  # always one line
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted: finished stages are kept; run again to resume", file=sys.stderr)
@@ -83,11 +83,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "show-config":
         print(dump_config(config), end="")
         return 0
-    for note in config.notes:  # what each key of a translated Olive config became
-        print(f"olive: {note}", file=sys.stderr, flush=True)
     from slmflow.preflight import validate_run
 
-    summary = validate_run(config)
+    summary = validate_run(config)  # a bad input ends here, on one line, before any output
+    for note in config.notes:  # what each key of a translated Olive config became
+        print(f"olive: {note}", file=sys.stderr, flush=True)
     if args.command == "validate":
         print(f"ok: model {summary['model_source'].uri}, {summary['train_rows']} training rows"
               + (f", {summary['eval_rows']} eval rows" if summary["eval_rows"] else ""))

@@ -22,10 +22,16 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"config file {path} is a folder: pass a .yaml or .json file")
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror}): check its permissions") from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         raise ConfigError(
-            f"config file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
+            f"config file {path}:{line}:{col} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
         ) from None
     if not text.strip():
         raise ConfigError(f"config file {path} is empty: write a config or leave --config out")
@@ -34,7 +40,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(
-                f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"
+                f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}; fix the JSON there "
+                "(a trailing comma, a missing quote or bracket?)"
             ) from None
     else:
         try:
@@ -43,7 +50,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             mark = getattr(exc, "problem_mark", None)
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+            context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+            opened = f" ({context} at line {start.line + 1}, column {start.column + 1})" if (
+                context and start and mark and start.line != mark.line) else ""
+            raise ConfigError(
+                f"{where}: invalid YAML: {problem}{opened}; fix the YAML there (indent with "
+                "spaces, close brackets and quotes)"
+            ) from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: the top level must be a mapping of sections (model, data, finetune, ...), "
@@ -69,7 +82,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {part} is not a section")
+                raise ConfigError(f"--set {item!r}: {part} is {child!r}, not a section; "
+                                  f"fix {part} in the config or the key of --set")
             node = child
         node[parts[-1]] = value
     return data
@@ -140,6 +154,12 @@ def format_validation_error(
             problems.append(f"{path}: {err['msg']} (got {err.get('input')!r})")
         elif err["type"] == "missing":
             problems.append(f"{path}: required key is missing")
+        elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            valid = _fields_at(model, loc) if err["type"] != "dict_type" else []
+            keys = f" of keys ({', '.join(valid[:4])}, ...)" if valid else " (KEY: VALUE)"
+            problems.append(f"{path}: must be a mapping{keys}, got {err.get('input')!r}")
+        elif err["type"] == "list_type":
+            problems.append(f"{path}: must be a list, e.g. [a, b], got {err.get('input')!r}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")

@@ -35,7 +35,10 @@ def _read_json_array(path: Path, text: str) -> list[tuple[int, Row]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+        raise DataError(
+            f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}; fix the JSON there "
+            "(or write one object a line as .jsonl)"
+        ) from None
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise DataError(f"{path}: a .json dataset must be a list of objects or JSON lines")
     return [(i + 1, r) for i, r in enumerate(data)]  # "line" = item number in an array
@@ -69,14 +72,20 @@ def read_rows(spec: str, hf_split: str = "train") -> tuple[Path | str, list[tupl
         except Exception as exc:  # noqa: BLE001 - any read failure means "not parquet"
             raise DataError(f"{path}: not a readable parquet file: {exc}") from None
         return path, [(i + 1, r) for i, r in enumerate(table.to_pylist())]
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the data file ({exc.strerror}); check its permissions") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
     if not text.strip():
-        raise DataError(f"{path}: the data file is empty")
+        raise DataError(
+            f"{path}: the data file is empty; write the rows (one JSON object a line) or point "
+            "data.train_file / data.eval_file at another file"
+        )
     if suffix == ".csv":
         reader = csv.DictReader(text.splitlines())
         return path, [(i + 2, dict(r)) for i, r in enumerate(reader)]  # line 1 is the header
@@ -91,7 +100,8 @@ def load_examples(spec: str, cfg: DataConfig) -> list[Row]:
     """Read and check a dataset: every template column present, every label in the label set."""
     where, rows = read_rows(spec, cfg.hf_split)
     if not rows:
-        raise DataError(f"{where}: the data file has no rows")
+        raise DataError(f"{where}: the data file has no rows; add rows or point data.train_file / "
+                        "data.eval_file at another file")
     needed = list(dict.fromkeys([*cfg.text_columns, cfg.label_column]))
     labels = set(cfg.labels)
     examples = []

@@ -35,3 +35,7 @@ class StageCheckError(SlmflowError):
     """A stage produced output that failed its own check (merge logits, export load)."""
 
     exit_code = 1
+
+
+class ResourceError(SlmflowError):
+    """The machine lacks the memory or disk a stage needs (checked before the stage loads anything)."""

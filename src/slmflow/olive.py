@@ -248,7 +248,9 @@ class _Translator(Handlers):
             raise self.error(self.set_by["data.label_column"], f"the label column {column!r} "
                              f"(the template's last placeholder) has {len(values)} distinct values "
                              f"in {spec}: slmflow fine-tunes classifiers (a small label set)")
-        if set(values) == set(DEFAULT_LABELS):
+        if not values:  # no such column there: the data check names it, with the file and line
+            self.extend(origin, f"{default} (no column {column!r} in the file)")
+        elif set(values) == set(DEFAULT_LABELS):
             self.extend(origin, f"{default} (the distinct values of {column!r} there)")
         else:
             self.extend(origin, self.put("data.labels", values, origin)

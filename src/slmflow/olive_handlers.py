@@ -153,8 +153,9 @@ class Handlers:
             self.note(path, value, f"the AzureML target (system {system['name']!r})",
                       blocker=f"{path}: AzureML system {system['name']!r}")
         elif path.endswith("target") and system["eps"]:
+            eps_path = f"{system['path']}.accelerators[].execution_providers (named by {path})"
             self.note(path, value, f"this machine; its execution_providers: "
-                                   f"{self.providers(system['eps'], path)}")
+                                   f"{self.providers(system['eps'], eps_path)}")
         else:
             self.note(path, value, "noted: this machine (LocalSystem)")
 

@@ -1,16 +1,18 @@
 """Check a whole run before any heavy work: files, data, model source, output folder.
 
-Loads no model. Every problem is a ConfigError/DataError with the key, file and line, and the fix.
+Loads no model (the base model's modules are read from safetensors or GGUF headers). Every problem
+is a ConfigError/DataError with the key, file and line, and the fix.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 from slmflow.artifacts import ArtifactRef, resolve_path, source_ref, stable_hash
-from slmflow.config import PipelineConfig
+from slmflow.config import BaseModelConfig, PipelineConfig
 from slmflow.dataio import load_examples
 from slmflow.errors import ConfigError, DataError
 
@@ -45,6 +47,132 @@ def check_output_dir(config: PipelineConfig) -> Path:
     return Path(config.output_dir).expanduser().resolve()
 
 
+def describe_local_model(folder: Path) -> dict[str, Any]:
+    """describe_model of a local transformers folder, with its read errors as ConfigErrors."""
+    from slmflow.stages.base_model import describe_model
+
+    if not any(folder.glob("*.safetensors")):
+        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        have = f" (it has {', '.join(found[:3])})" if found else ""
+        raise ConfigError(
+            f"model.name_or_path: {folder} has no .safetensors weights{have}; slmflow loads "
+            "safetensors only: re-save the model with save_pretrained(..., safe_serialization=True)"
+        )
+    try:
+        return describe_model(folder)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{folder / 'config.json'}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}; "
+            "fix the model's config.json or download the model again"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error type; any failure is the finding
+        raise ConfigError(
+            f"model.name_or_path: cannot read the safetensors headers in {folder} "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            "download or save the model again"
+        ) from None
+
+
+def describe_gguf_model(path: Path) -> dict[str, Any]:
+    """describe_gguf of a .gguf file, with a file that is no GGUF as a ConfigError."""
+    from slmflow.stages.base_model import describe_gguf
+
+    try:
+        return describe_gguf(path)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(
+            f"model.name_or_path: {path} is not a readable GGUF file ({exc}); point it at a .gguf "
+            "model file, or set model.source=hf for a transformers folder"
+        ) from None
+
+
+_UNREACHABLE = {"ConnectError", "ConnectTimeout", "TimeoutException", "NetworkError",
+                "ConnectionError", "Timeout", "ReadTimeout"}
+
+
+def check_hub_model(cfg: BaseModelConfig, source: ArtifactRef, store: Path) -> None:
+    """A hub id that is no local folder must be in the stage store, the Hugging Face cache or on the hub.
+
+    Without this a mistyped local path ("models/phi-3-mini" run from another folder) reads as a
+    hub id, and the base-model stage retries the download for minutes before failing.
+    """
+    from slmflow.artifacts import MANIFEST, stage_dir
+    from slmflow.stages.base_model import KIND, base_model_key
+
+    if (stage_dir(store, KIND, base_model_key(cfg, store, source)) / MANIFEST).is_file():
+        return  # downloaded by an earlier run (the stage verifies its content)
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    spec = cfg.name_or_path
+    not_local = (
+        f"model.name_or_path: {spec!r} is not a local folder "
+        f"({Path(spec).expanduser().resolve()} does not exist)"
+    )
+    try:
+        cached = try_to_load_from_cache(spec, "config.json", revision=cfg.revision)
+    except HFValidationError:
+        raise ConfigError(f"{not_local} and not a Hugging Face hub id (ORG/NAME); fix the path") from None
+    if isinstance(cached, str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(
+            f"{not_local} and not in the Hugging Face cache, and HF_HUB_OFFLINE is set; fix the path, "
+            f"or download the model (hf download {spec}) and point model.name_or_path at it"
+        )
+    from slmflow.secrets import get_secret
+
+    try:
+        model_info(spec, revision=cfg.revision, timeout=10, token=get_secret("HF_TOKEN", "hf-token"))
+    except RevisionNotFoundError:
+        raise ConfigError(
+            f"model.revision: {cfg.revision!r} is not a branch, tag or commit of {spec} on the "
+            "Hugging Face hub; fix model.revision or leave it out"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ConfigError(
+            f"{not_local} and not a model on the Hugging Face hub (a private one needs HF_TOKEN); "
+            "fix the path or the hub id"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - the hub's transport errors have no common base
+        if isinstance(exc, OSError) or _UNREACHABLE & {c.__name__ for c in type(exc).__mro__}:
+            raise ConfigError(
+                f"{not_local}, and the Hugging Face hub is unreachable ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else 'no answer'}); connect to the "
+                "network, or download the model and point model.name_or_path at the folder"
+            ) from None
+        # Anything else (a hub outage, rate limit) may pass on a retry: the stage will try.
+
+
+def base_model_facts(cfg: BaseModelConfig) -> dict[str, Any] | None:
+    """Architecture, parameter count and linear modules of the base model, from headers only.
+
+    None for a hub id (nothing local to read before the download).
+    """
+    from slmflow.stages.base_model import model_source_path
+
+    path = model_source_path(cfg)
+    if path is None:
+        return None
+    return describe_gguf_model(path) if cfg.source == "gguf" else describe_local_model(path)
+
+
+def check_memory_for_merge_and_export(config: PipelineConfig, params: int) -> None:
+    """Stop before fine-tuning when this machine could not merge or export the model afterwards.
+
+    Memory only: the stages check memory again, and disk, when they start (the run fills the disk
+    as it goes, so the free space now says little about the free space then).
+    """
+    from slmflow.resources import check_resources, estimate_export, estimate_merge
+
+    need = max(estimate_merge(params)[0], estimate_export(params, config.export.precision)[0])
+    check_resources("merge and export (checked before fine-tuning)", need, 0, store_dir(config))
+
+
 def store_dir(config: PipelineConfig) -> Path:
     """Where content-keyed stage outputs live."""
     return Path(config.cache_dir or Path(config.output_dir) / "cache").expanduser().resolve()
@@ -53,9 +181,14 @@ def store_dir(config: PipelineConfig) -> Path:
 def validate_run(config: PipelineConfig) -> dict[str, Any]:
     """Check everything a run needs; return the source refs and a short summary."""
     from slmflow.stages.base_model import model_source_ref
+    from slmflow.stages.finetune import check_target_modules
 
     check_output_dir(config)
-    model_src = model_source_ref(config.model)
+    facts = base_model_facts(config.model)  # headers only: seconds, also for a large model
+    if facts is not None:
+        check_target_modules(config.finetune, ArtifactRef(
+            kind="model_source", uri=config.model.name_or_path, sha256="", key="", meta=facts))
+        check_memory_for_merge_and_export(config, facts["parameters"])
     train_src = data_source_ref(config.data.train_file, "data.train_file")
     eval_src = data_source_ref(config.data.eval_file, "data.eval_file") if config.data.eval_file else None
     train_rows = load_examples(train_src.uri, config.data)
@@ -71,6 +204,9 @@ def validate_run(config: PipelineConfig) -> dict[str, Any]:
             f"{train_src.uri}: labels {missing} have fewer than 2 rows, so a train/eval split "
             "cannot hold each out; add rows or give data.eval_file"
         )
+    model_src = model_source_ref(config.model)  # last: hashing a large local model takes a while
+    if model_src.uri.startswith("hf://"):
+        check_hub_model(config.model, model_src, store_dir(config))
     return {
         "model_source": model_src,
         "train_source": train_src,

@@ -13,7 +13,7 @@ def get_secret(env_var: str, block: str | None = None) -> str | None:
     value = os.environ.get(env_var)
     if value:
         return value
-    if block is None or not os.environ.get("PREFECT_API_URL"):
+    if block is None or not _prefect_api_url():
         return None  # no server configured: don't start one just to look a secret up
     try:
         from prefect.blocks.system import Secret
@@ -21,3 +21,14 @@ def get_secret(env_var: str, block: str | None = None) -> str | None:
         return Secret.load(block, _sync=True).get()
     except ValueError:  # no such block
         return None
+
+
+def _prefect_api_url() -> str | None:
+    """The Prefect API this process talks to: the environment, a profile or a settings context."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    try:
+        from prefect.settings import get_current_settings
+    except ImportError:
+        return None
+    return get_current_settings().api.url

