@@ -187,7 +187,7 @@ class FinetuneConfig(_Config):
         1, ge=1, title="Gradient accumulation", description="Batches summed per optimizer step."
     )
     max_steps: int | None = Field(
-        80, ge=1, title="Max steps", description="Optimizer steps; overrides epochs when set."
+        100, ge=1, title="Max steps", description="Optimizer steps; overrides epochs when set."
     )
     epochs: float = Field(1.0, gt=0, title="Epochs", description="Used when max_steps is null.")
     warmup_steps: int = Field(0, ge=0, title="Warmup steps", description="Linear warmup.")
