@@ -59,7 +59,9 @@ def test_seed_example_config_runs_end_to_end(tiny_model, tmp_path):
     output_dir = (work / config["engine"]["output_dir"]).resolve()  # ../model-cache/... here
     assert output_dir == tmp_path / "model-cache" / "models" / "phi3-finetuned"
     report, exported = _exported(output_dir)
-    assert exported.is_relative_to((work / config["engine"]["cache_dir"]).resolve())
+    assert exported == output_dir / "model"  # the published int4 model; its stage folder:
+    assert Path(report["stages"]["export"]["uri"]).is_relative_to(
+        (work / config["engine"]["cache_dir"]).resolve())
     finetune = report["config"]["finetune"]
     assert (finetune["method"], finetune["r"], finetune["alpha"]) == ("qlora", 64, 64.0)
     assert report["training"]["steps"] == 10 and report["config"]["data"]["corpus_strategy"] == "join"
