@@ -10,9 +10,6 @@ copied into a fresh model of the same class and saved from there. The resulting 
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from slmflow.artifacts import build_folder
@@ -109,27 +106,6 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     if not gguf_file.is_file() and not is_complete(out_dir):
         raise FileNotFoundError(f"GGUF file not found: {gguf_file}")
     return build_folder(out_dir, lambda tmp: _save_plain(gguf_file, tmp), is_complete)
-    if not gguf_file.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {gguf_file}")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists and is not a complete converted model")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        _save_plain(gguf_file, tmp)
-        for f in tmp.iterdir():  # mkdtemp makes 0700; save_pretrained writes some files 0600
-            f.chmod(0o644)
-        tmp.chmod(0o755)
-        try:
-            os.replace(tmp, out_dir)  # also replaces an empty out_dir
-        except OSError:
-            if is_complete(out_dir):  # another process finished first
-                return out_dir
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
 
 
 def materialize_smollm2(out_dir: Path) -> Path:

@@ -9,9 +9,6 @@ folder to int4 on CPU as is.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from slmflow.artifacts import build_folder
@@ -176,23 +173,3 @@ def build_tiny_phi3(
         _write_model(tmp, train_tokenizer(corpus_texts(corpus_files)), seed)
 
     return build_folder(out_dir, write, is_complete)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists and is not a complete tiny-model build")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tokenizer = train_tokenizer(corpus_texts(corpus_files))
-        _write_model(tmp, tokenizer, seed)
-        for f in tmp.iterdir():  # mkdtemp makes 0700; save_pretrained writes some files 0600
-            f.chmod(0o644)
-        tmp.chmod(0o755)
-        try:
-            os.replace(tmp, out_dir)  # also replaces an empty out_dir
-        except OSError:
-            if is_complete(out_dir):  # another process finished first
-                return out_dir
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
