@@ -165,16 +165,22 @@ def run_stage(
                 meta=meta or {},
             )
             (tmp / MANIFEST).write_text(ref.model_dump_json(indent=2))
-            if final.exists():  # stale: move aside first, a directory rename cannot overwrite
-                stale = final.parent / f".stale-{key}-{uuid.uuid4().hex[:8]}"
-                os.replace(final, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
         return ref
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Rename a finished folder into place; an existing one is moved aside first and deleted
+    (a directory rename cannot overwrite a non-empty folder)."""
+    if final.exists():
+        stale = final.parent / f".stale-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(final, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(tmp, final)
 
 
 def build_folder(out_dir: Path, write: Callable[[Path], None], is_complete: Callable[[Path], bool]) -> Path:

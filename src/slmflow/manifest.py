@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from slmflow.artifacts import MANIFEST, ArtifactRef
+from slmflow.artifacts import MANIFEST, ArtifactRef, replace_dir
 
 PACKAGES = ("slmflow", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets",
             "onnxruntime-genai", "onnxruntime", "onnx", "prefect")
@@ -78,11 +78,7 @@ def publish_model(exported: ArtifactRef, out_dir: Path, manifest: dict) -> Path:
             except OSError:  # another filesystem
                 shutil.copy2(src, tmp / src.name)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if final.exists():
-            old = out_dir / f".model.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
