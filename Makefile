@@ -22,14 +22,14 @@ run: $(STAMP)
 	$(VENV)/bin/slmflow run
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src flows tasks tests bench
+	$(VENV)/bin/ruff check src flows tasks tests bench deployments infra
 	$(VENV)/bin/python -m pytest -m "not gpu and not azureml"
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not slow and not gpu and not azureml"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src flows tasks tests bench
+	$(VENV)/bin/ruff check src flows tasks tests bench deployments infra
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_default_run.py

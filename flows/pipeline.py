@@ -125,9 +125,30 @@ def publish_artifacts(report: dict, path: Path) -> None:
                              description=f"Full report: {path}")
 
 
-@flow(name="slmflow-pipeline", log_prints=True)
-def slmflow_pipeline(config: PipelineConfig = PipelineConfig()) -> str:  # noqa: B008
-    """Fine-tune, merge, export to ONNX and evaluate a small language model."""
+def apply_run_overrides(config: PipelineConfig, overrides: list[str] | None) -> PipelineConfig:
+    """`config` with `dotted.key=value` overrides applied and the whole tree validated again."""
+    if not overrides:
+        return config
+    from slmflow.configio import apply_overrides, build_config
+
+    data = apply_overrides(config.model_dump(mode="json"), list(overrides))
+    return build_config(data, source="overrides")
+
+
+@flow(name="slmflow-pipeline", log_prints=True, validate_parameters=True)
+def slmflow_pipeline(
+    config: PipelineConfig = PipelineConfig(),  # noqa: B008
+    overrides: list[str] | None = None,
+) -> str:
+    """Fine-tune, merge, export to ONNX and evaluate a small language model.
+
+    Args:
+        config: The whole run, as `slmflow show-config` prints it; each field says what it does.
+        overrides: dotted.key=value changes applied on top of `config`, as `slmflow run --set`,
+            e.g. ["finetune.max_steps=50", "export.precision=int8"]. Handy from the CLI, where
+            `--param config=...` would replace the whole tree.
+    """
+    config = apply_run_overrides(config, overrides)
     return str(run_pipeline(config, run_prefect_task, publish_artifacts))
 
 

@@ -83,10 +83,32 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+# Local stores that mirror a shared remote store (`cache_remote`), set by preflight.validate_run
+# at the start of each run: resolved local path -> remote URL.
+_REMOTES: dict[str, str] = {}
+
+
+def register_remote(store: Path, remote: str | None) -> None:
+    """Mirror `store` to `remote` (an fsspec URL) in this process; None stops mirroring."""
+    local = str(Path(store).resolve())
+    if remote:
+        _REMOTES[local] = remote.rstrip("/")
+    else:
+        _REMOTES.pop(local, None)
+
+
+def remote_of(store: Path) -> str | None:
+    return _REMOTES.get(str(Path(store).resolve()))
+
+
 def stage_key(
     stage: str, version: int, config: Any, parents: list[ArtifactRef], store: Path
 ) -> str:
-    """The lineage key of a stage output: what it is, from what, by which code, and where."""
+    """The lineage key of a stage output: what it is, from what, by which code, and where.
+
+    "Where" is the shared remote store when the local one mirrors one (so working directories
+    that share it compute the same keys), else the local store's path.
+    """
     cfg = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
     return stable_hash(
         {
@@ -94,7 +116,7 @@ def stage_key(
             "version": version,
             "config": cfg,
             "parents": [p.sha256 for p in parents],
-            "store": str(Path(store).resolve()),
+            "store": remote_of(store) or str(Path(store).resolve()),
         }
     )[:24]
 
@@ -145,9 +167,21 @@ def run_stage(
         # exists now was left by a killed process: remove it (the work folder is kept).
         for left in [*final.parent.glob(f".tmp-{key}-*"), *final.parent.glob(f".stale-{key}-*")]:
             shutil.rmtree(left, ignore_errors=True)
+        remote = remote_of(store)
         ref = read_verified(final)
         if ref is not None:
+            if remote:
+                from slmflow import remote_store
+
+                if not remote_store.has(remote, kind, key):
+                    remote_store.push(remote, kind, key, final, log)
             return ref.model_copy(update={"cached": True})
+        if remote:
+            from slmflow import remote_store
+
+            pulled = remote_store.pull(remote, kind, key, final, log)
+            if pulled is not None:
+                return pulled
         if final.exists():
             log(f"{kind}/{key}: stored output is incomplete or changed; rebuilding it")
         work = final.parent / f".work-{key}"
@@ -170,6 +204,10 @@ def run_stage(
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
+        if remote:
+            from slmflow import remote_store
+
+            remote_store.push(remote, kind, key, final, log)
         return ref
 
 

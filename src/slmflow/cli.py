@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show-config", help="print the resolved config as YAML")
     _config_args(show)
     show.add_argument("--reference", action="store_true", help="print the config reference (Markdown)")
+    show.add_argument("--format", choices=("yaml", "json"), default="yaml",
+                      help="json: one line, e.g. for `prefect deployment run --param config=...`")
     olive = sub.add_parser("convert-olive", help="translate an Olive config: print the slmflow "
                            "config (YAML) and what each Olive key became")
     olive.add_argument("file", help="an Olive config (JSON or YAML)")
@@ -81,7 +83,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     if args.command == "show-config":
-        print(dump_config(config), end="")
+        if args.format == "json":
+            print(config.model_dump_json())
+        else:
+            print(dump_config(config), end="")
         return 0
     from slmflow.preflight import validate_run
 

@@ -43,7 +43,8 @@ class BaseModelConfig(_Config):
         SMOLLM2_GGUF,
         title="Name or path",
         description="Hub id (e.g. microsoft/Phi-3-mini-4k-instruct), local folder, .gguf file, "
-        "or AzureML registry model name. 'pkg:MODULE/FILE' names a file inside an installed "
+        "or an AzureML registry model: azureml://registries/R/models/N/versions/V (or its name "
+        "with registry_name and version). 'pkg:MODULE/FILE' names a file inside an installed "
         "Python package.",
         min_length=1,
     )
@@ -64,10 +65,28 @@ class BaseModelConfig(_Config):
 
     @model_validator(mode="after")
     def _registry_fields(self) -> BaseModelConfig:
-        if self.source == "azureml_registry" and not (self.registry_name and self.version):
+        uri = self.name_or_path.startswith("azureml:")
+        if uri and self.source != "azureml_registry":
+            raise ValueError(
+                f"model.name_or_path {self.name_or_path!r} is an AzureML reference: set "
+                "model.source=azureml_registry"
+            )
+        if self.source != "azureml_registry":
+            return self
+        if uri:
+            from slmflow.azureml.uris import parse_registry_model
+            from slmflow.errors import SlmflowError
+
+            try:
+                parse_registry_model(self.name_or_path)
+            except SlmflowError as exc:  # pydantic needs a ValueError
+                raise ValueError(str(exc)) from None
+        elif not (self.registry_name and self.version):
             raise ValueError(
                 "model.source=azureml_registry needs model.registry_name and model.version "
-                "(e.g. registry_name: azureml-msr, version: '11')"
+                "(e.g. registry_name: azureml-msr, version: '11') with the model's name in "
+                "model.name_or_path, or model.name_or_path "
+                "azureml://registries/R/models/N/versions/V"
             )
         return self
 
@@ -78,8 +97,9 @@ class DataConfig(_Config):
     train_file: str = Field(
         BUNDLED_TONES,
         title="Training data",
-        description="A .json/.jsonl/.csv/.parquet file, 'pkg:MODULE/FILE', or 'hf:NAME' for a "
-        "`datasets` dataset. Relative paths are read from the working directory.",
+        description="A .json/.jsonl/.csv/.parquet file, 'pkg:MODULE/FILE', 'hf:NAME' for a "
+        "`datasets` dataset, or an AzureML datastore file azureml://datastores/D/paths/P. "
+        "Relative paths are read from the working directory.",
         min_length=1,
     )
     eval_file: str | None = Field(
@@ -127,6 +147,19 @@ class DataConfig(_Config):
         "concatenated and cut into chunks of max_seq_len tokens (at most the model's context), "
         "loss on every token. Evaluation rows stay one per row.",
     )
+
+    @field_validator("train_file", "eval_file")
+    @classmethod
+    def _datastore_shape(cls, spec: str | None, info) -> str | None:
+        if spec and spec.startswith("azureml:"):
+            from slmflow.azureml.uris import parse_datastore_path
+            from slmflow.errors import SlmflowError
+
+            try:
+                parse_datastore_path(spec, f"data.{info.field_name}")
+            except SlmflowError as exc:  # pydantic needs a ValueError
+                raise ValueError(str(exc)) from None
+        return spec
 
     @field_validator("labels")
     @classmethod
@@ -308,9 +341,30 @@ class PipelineConfig(_Config):
         description="Content-keyed stage outputs (default: OUTPUT_DIR/cache). Runs that share it "
         "reuse each other's stages.",
     )
+    cache_remote: str | None = Field(
+        None,
+        title="Shared stage store",
+        description="A remote mirror of cache_dir shared by machines and working directories, "
+        "e.g. az://CONTAINER/PREFIX (any fsspec URL): a stage found there (content hash "
+        "verified) is downloaded instead of built; a built stage is uploaded. Credentials from "
+        "the environment (AZURE_STORAGE_CONNECTION_STRING, ...).",
+    )
     notes: list[str] = Field(
         default_factory=list,
         title="Notes",
         description="Where the config came from: for a translated Olive config, what each Olive "
         "key became (written by the translator; logged and kept in the report).",
     )
+
+    @field_validator("cache_remote")
+    @classmethod
+    def _remote_shape(cls, uri: str | None) -> str | None:
+        if uri is None:
+            return None
+        from slmflow.errors import SlmflowError
+        from slmflow.remote_store import check_remote_uri
+
+        try:
+            return check_remote_uri(uri)
+        except SlmflowError as exc:  # pydantic needs a ValueError
+            raise ValueError(str(exc)) from None

@@ -126,8 +126,9 @@ TABLES: dict[str, dict[str, Any]] = {
                              "inputs are the same"),
         "clean_evaluation_cache": Noted("slmflow's cache is keyed by content: a stage is reused only "
                                         "when its inputs are the same"),
-        "enable_shared_cache": Refused("slmflow has no shared remote cache; runs that share "
-                                       "cache_dir reuse each other's stages", ok=(None, False)),
+        "enable_shared_cache": Refused("set slmflow's `cache_remote` (an fsspec URL such as "
+                                       "az://CONTAINER/PREFIX) instead; runs that share cache_dir "
+                                       "reuse each other's stages", ok=(None, False)),
         "plot_pareto_frontier": Refused("slmflow does not search, so there is no Pareto frontier",
                                         ok=(None, False)),
         "no_artifacts": Noted("slmflow always writes report.json and keeps the stage outputs"),

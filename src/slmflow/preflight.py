@@ -17,8 +17,19 @@ from slmflow.dataio import load_examples
 from slmflow.errors import ConfigError, DataError
 
 
-def data_source_ref(spec: str, field: str) -> ArtifactRef:
-    """A content reference to a data file (or a `datasets` name, keyed by name)."""
+def data_source_ref(spec: str, field: str, store: Path | None = None) -> ArtifactRef:
+    """A content reference to a data file (or a `datasets` name, keyed by name).
+
+    An AzureML datastore file (azureml://datastores/...) is downloaded into STORE/azureml-inputs
+    first and keyed by its content.
+    """
+    if spec.startswith("azureml:"):
+        from slmflow.azureml.inputs import download_datastore_file
+
+        if store is None:
+            raise ConfigError(f"{field}: {spec} needs a stage store to download into")
+        path = download_datastore_file(spec, field, store)
+        return source_ref("data_source", str(path))
     if spec.startswith("hf:"):
         digest = stable_hash({"dataset": spec})
         return ArtifactRef(kind="data_source", uri=spec, sha256=digest, key=digest[:24])
@@ -184,13 +195,18 @@ def validate_run(config: PipelineConfig) -> dict[str, Any]:
     from slmflow.stages.finetune import check_target_modules
 
     check_output_dir(config)
+    from slmflow.artifacts import register_remote
+
+    register_remote(store_dir(config), config.cache_remote)  # before any stage key is computed
     facts = base_model_facts(config.model)  # headers only: seconds, also for a large model
     if facts is not None:
         check_target_modules(config.finetune, ArtifactRef(
             kind="model_source", uri=config.model.name_or_path, sha256="", key="", meta=facts))
         check_memory_for_merge_and_export(config, facts["parameters"])
-    train_src = data_source_ref(config.data.train_file, "data.train_file")
-    eval_src = data_source_ref(config.data.eval_file, "data.eval_file") if config.data.eval_file else None
+    store = store_dir(config)
+    train_src = data_source_ref(config.data.train_file, "data.train_file", store)
+    eval_src = (data_source_ref(config.data.eval_file, "data.eval_file", store)
+                if config.data.eval_file else None)
     train_rows = load_examples(train_src.uri, config.data)
     eval_rows = load_examples(eval_src.uri, config.data) if eval_src else None
     if eval_rows is None and min(

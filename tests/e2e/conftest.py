@@ -15,3 +15,92 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+class LocalStack:
+    """A Prefect server on 127.0.0.1 started by `infra/local/up` (pools, deployments), no worker."""
+
+    def __init__(self, port: int, workdir, state) -> None:
+        import os
+        import sys
+        from pathlib import Path
+
+        self.port, self.workdir, self.state = port, workdir, state
+        self.url = f"http://127.0.0.1:{port}"
+        self.bin = Path(sys.executable).parent
+        self.env = dict(os.environ, PREFECT_API_URL=f"{self.url}/api",
+                        PREFECT_HOME=str(state / "client-home"),
+                        PREFECT_SERVER_ANALYTICS_ENABLED="false", SLMFLOW_STATE_DIR=str(state))
+
+    def api(self, path: str, body: dict | None = None, method: str | None = None):
+        import json
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"{self.url}/api{path}", data=data, method=method or (
+            "GET" if body is None else "POST"), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read() or "null")
+
+    def deployment(self, name: str = "local-cpu") -> dict:
+        return self.api(f"/deployments/name/slmflow-pipeline/{name}")
+
+    def flow_runs(self, deployment_id: str) -> list[dict]:
+        return self.api("/flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}},
+                                              "sort": "EXPECTED_START_TIME_DESC"})
+
+    def artifacts(self, flow_run_id: str) -> dict[str, dict]:
+        found = self.api("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+        return {a["key"]: a for a in found if a.get("key")}
+
+    def wait_for_new_run(self, deployment_id: str, known: set[str], timeout: float = 60) -> dict:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            new = [r for r in self.flow_runs(deployment_id) if r["id"] not in known]
+            if new:
+                return new[0]
+            time.sleep(0.5)
+        raise AssertionError(f"no new flow run of deployment {deployment_id} in {timeout} s")
+
+    def work_once(self, pool: str = "local-cpu", timeout: float = 600):
+        """`prefect worker start --run-once`: picks up the scheduled run and runs it to its end."""
+        import subprocess
+
+        return subprocess.run(
+            [str(self.bin / "prefect"), "worker", "start", "--pool", pool, "--run-once"],
+            cwd=self.workdir, env=self.env, capture_output=True, text=True, timeout=timeout,
+            check=False)
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory):
+    """`infra/local/up` on a free port (SQLite, tiny Phi-3 as local-cpu's config), then `down`."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from slmflow.tiny import build_tiny_phi3
+
+    repo = Path(__file__).resolve().parents[2]
+    root = tmp_path_factory.mktemp("stack")
+    workdir, state = root / "work", root / "state"
+    build_tiny_phi3(workdir / "runs" / "tiny-phi3", seed=0)  # configs/tiny-phi3_lora_cpu.yaml's path
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stack = LocalStack(port, workdir, state)
+    script = [sys.executable, str(repo / "infra" / "local" / "stack.py")]
+    up = subprocess.run(
+        [*script, "up", "--port", str(port), "--no-worker", "--workdir", str(workdir),
+         "--deploy-config", "local-cpu=configs/tiny-phi3_lora_cpu.yaml"],
+        env=stack.env, capture_output=True, text=True, timeout=300, check=False)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        stack.up_output = up.stdout
+        yield stack
+    finally:
+        subprocess.run([*script, "down"], env=stack.env, capture_output=True, timeout=120,
+                       check=True)

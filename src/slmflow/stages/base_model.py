@@ -2,7 +2,8 @@
 
 A local transformers folder is used where it is (the stage records a pointer and its content
 hash); a GGUF file is converted to safetensors once; a hub id is downloaded with
-`from_pretrained` and saved. AzureML registry models are resolved by the AzureML target.
+`from_pretrained` and saved; an AzureML registry model is downloaded with azure-ai-ml
+(`slmflow.azureml.inputs`) and its transformers folder saved.
 
 Run as (outside Prefect):
     python -m slmflow.stages.base_model CONFIG.yaml
@@ -32,11 +33,7 @@ VERSION = 1
 def model_source_path(cfg: BaseModelConfig) -> Path | None:
     """The checked local file or folder of the base model; None for a hub id. Reads no weights."""
     if cfg.source == "azureml_registry":
-        raise ConfigError(
-            f"model.source=azureml_registry ({cfg.registry_name}/{cfg.name_or_path}:{cfg.version}) "
-            "runs on the AzureML target, which this build does not include yet; download the "
-            "model and set model.source=hf with model.name_or_path=LOCAL_FOLDER"
-        )
+        return None  # downloaded by the stage
     spec = cfg.name_or_path
     local = spec.startswith(("pkg:", ".", "/")) or Path(spec).expanduser().exists()
     if cfg.source == "gguf" or local:
@@ -62,6 +59,13 @@ def model_source_ref(cfg: BaseModelConfig) -> ArtifactRef:
     path = model_source_path(cfg)
     if path is not None:
         return source_ref("model_source", str(path))
+    if cfg.source == "azureml_registry":
+        # A registry model version is immutable: its URI is its identity.
+        from slmflow.azureml.inputs import registry_model
+
+        uri = registry_model(cfg).uri
+        digest = stable_hash({"azureml_registry_model": uri})
+        return ArtifactRef(kind="model_source", uri=uri, sha256=digest, key=digest[:24])
     # A hub id: the id and revision are all we can key on before downloading.
     spec = cfg.name_or_path
     digest = stable_hash({"hub_id": spec, "revision": cfg.revision})
@@ -246,6 +250,10 @@ def materialize_base_model(
 
             log(f"converting {source.uri} to safetensors (once)")
             convert_gguf(Path(source.uri), target)
+        elif cfg.source == "azureml_registry":
+            from slmflow.azureml.inputs import download_registry_model
+
+            download_registry_model(cfg, target, log)
         else:
             _download(cfg, target, log)
         return describe_model(target)

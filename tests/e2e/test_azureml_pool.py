@@ -1,0 +1,163 @@
+"""The `azureml` work pool on a real Prefect server (127.0.0.1, a free port, a temporary
+PREFECT_HOME): created from the CLI, and flow runs of a deployment on it submitted by the worker to
+a fake AzureML (the SDK boundary): failure → Crashed, cancellation → the job cancelled and the run
+Cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from slmflow.azureml.client import SubmittedJob
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false"}
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port), "--no-ui", "--no-services"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{env['PREFECT_API_URL']}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"prefect server did not start: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.5)
+        yield env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_work_pool_create_type_azureml_from_the_cli(server):
+    created = subprocess.run([str(BIN / "prefect"), "work-pool", "create", "aml-gpu", "--type",
+                              "azureml"], env=server, capture_output=True, text=True, timeout=120,
+                             check=False)
+    assert created.returncode == 0, created.stdout + created.stderr
+    pool = httpx.get(f"{server['PREFECT_API_URL']}/work_pools/aml-gpu").json()
+    assert pool["type"] == "azureml"
+    props = pool["base_job_template"]["variables"]["properties"]
+    assert props["compute"]["title"] == "Compute cluster"
+    assert props["conda_file"]["default"] == "infra/azureml/conda.yaml"
+    assert set(pool["base_job_template"]["variables"]["required"]) == {
+        "subscription_id", "resource_group", "workspace", "compute"}
+
+
+class FakeAzureML:
+    def __init__(self, statuses, on_read=None):
+        self.statuses, self.on_read = list(statuses), on_read
+        self.submitted, self.cancelled, self.reads = [], [], 0
+
+    def submit(self, job):
+        self.submitted.append(job)
+        return SubmittedJob(name=job.name, studio_url=f"https://ml.azure.com/runs/{job.name}")
+
+    def status(self, name):
+        self.reads += 1
+        if self.on_read:
+            self.on_read(self.reads)
+        if self.cancelled:
+            return "Canceled"
+        return self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+
+    def cancel(self, name):
+        self.cancelled.append(name)
+
+
+async def _flow_run(pool: str) -> str:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        flow_id = await client.create_flow_from_name("slmflow-pipeline")
+        deployment_id = await client.create_deployment(
+            flow_id, "aml", work_pool_name=pool, entrypoint="flows.pipeline.slmflow_pipeline",
+            job_variables={"subscription_id": "sub-1", "resource_group": "rg-1",
+                           "workspace": "ws-1", "compute": "gpu-cluster",
+                           "conda_file": str(REPO / "infra/azureml/conda.yaml"),
+                           "prefect_api_url": "https://prefect.example.com/api",
+                           "poll_seconds": 0.05})
+        run = await client.create_flow_run_from_deployment(deployment_id)
+        return str(run.id)
+
+
+async def _work(pool: str, fake: FakeAzureML, flow_run_id: str):
+    from prefect.client.orchestration import get_client
+
+    from slmflow.azureml.worker import AzureMLWorker
+
+    AzureMLWorker.client_factory = staticmethod(lambda cfg: fake)
+    try:
+        async with AzureMLWorker(work_pool_name=pool, name="aml-worker-test") as worker:
+            await worker.get_and_submit_flow_runs()
+    finally:
+        del AzureMLWorker.client_factory  # back to the class's default
+    async with get_client() as client:
+        return await client.read_flow_run(flow_run_id)
+
+
+def test_worker_submits_and_reports_failure_and_cancellation(server, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
+
+    for key in ("PREFECT_HOME", "PREFECT_API_URL"):
+        monkeypatch.setenv(key, server[key])
+    subprocess.run([str(BIN / "prefect"), "work-pool", "create", "aml-test", "--type", "azureml"],
+                   env=server, capture_output=True, timeout=120, check=True)
+    # Logs stay local: the API log handler would flush at exit, after the server has stopped.
+    monkeypatch.setenv("PREFECT_LOGGING_TO_API_ENABLED", "false")
+    with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"],
+                             PREFECT_LOGGING_TO_API_ENABLED: False}):
+        # An AzureML job that fails: the run is Crashed, naming the job.
+        run_id = asyncio.run(_flow_run("aml-test"))
+        failing = FakeAzureML(["Queued", "Running", "Failed"])
+        run = asyncio.run(_work("aml-test", failing, run_id))
+        (job,) = failing.submitted
+        assert run.infrastructure_pid == job.name
+        assert job.environment_variables["PREFECT__FLOW_RUN_ID"] == run_id
+        assert job.environment_variables["PREFECT_API_URL"] == "https://prefect.example.com/api"
+        assert run.state.type.value == "CRASHED" and f"AzureML job {job.name} ended Failed" in run.state.message
+
+        # Cancelled in Prefect while the AzureML job runs: the job is cancelled, the run Cancelled.
+        run_id = asyncio.run(_flow_run("aml-test"))
+
+        def cancel_in_prefect(reads: int) -> None:
+            if reads == 2:
+                from prefect.client.orchestration import get_client
+                from prefect.states import Cancelling
+
+                with get_client(sync_client=True) as client:
+                    client.set_flow_run_state(run_id, Cancelling(), force=True)
+
+        running = FakeAzureML(["Queued", "Running"], on_read=cancel_in_prefect)
+        run = asyncio.run(_work("aml-test", running, run_id))
+        assert running.cancelled == [running.submitted[0].name]
+        assert run.state.type.value == "CANCELLED", run.state
