@@ -121,7 +121,7 @@ def publish_artifacts(report: dict, path: Path) -> None:
                           description="Accuracy, latency and size of base, merged and exported")
     create_table_artifact(stage_table(report["stages"]), key="slmflow-stages",
                           description="Seconds per stage and whether it was cached")
-    create_markdown_artifact(render_markdown(report), key="slmflow-report",
+    create_markdown_artifact(render_markdown(report, inline_images=True), key="slmflow-report",
                              description=f"Full report: {path}")
 
 

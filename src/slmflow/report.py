@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from html import escape
 from pathlib import Path
@@ -106,19 +107,37 @@ def _md_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def _image(alt: str, file: str, svg: str, inline: bool) -> str:
+    """A Markdown image: the SVG file beside report.md, or the SVG itself as a data URI (for the
+    Prefect artifact, which has no folder to point into)."""
+    if not inline:
+        return f"![{alt}]({file})"
+    return f"![{alt}](data:image/svg+xml;base64,{base64.b64encode(svg.encode()).decode()})"
+
+
+def _num(value: Any, digits: int = 4) -> Any:
+    return round(value, digits) if isinstance(value, float) else value
+
+
+def render_markdown(report: dict[str, Any], inline_images: bool = False) -> str:
     gate = report["quality_gate"]
     verdict = "passed" if gate["passed"] else "FAILED"
+    exported = report["models"].get("exported")
+    confusion = _image("confusion", "confusion_exported.svg", confusion_svg(
+        exported["confusion"], "exported model: true label vs answer") if exported else "",
+        inline_images)
+    loss = _image("loss curve", "loss_curve.svg", loss_curve_svg(
+        report["training"].get("loss_curve") or []), inline_images)
     return "\n\n".join([
         f"# slmflow report: {report['name']}",
         f"Exported model: `{report['exported_model_dir']}`",
         "## Models on the eval split\n\n" + _md_table(model_table(report["models"])),
         (f"Quality gate {verdict}: exported accuracy {gate['exported_accuracy']:.4f} vs merged "
         f"{gate['merged_accuracy']:.4f} (drop {gate['drop']:.4f}, allowed {gate['max_accuracy_drop']})."),
-        "## Confusion matrix (exported)\n\n![confusion](confusion_exported.svg)",
+        "## Confusion matrix (exported)\n\n" + confusion,
         (f"## Training\n\n{report['training'].get('steps')} steps, final loss "
-        f"{report['training'].get('final_loss')}, {report['training'].get('tokens_per_second')} "
-        "tokens/s.\n\n![loss curve](loss_curve.svg)"),
+        f"{_num(report['training'].get('final_loss'))}, {report['training'].get('tokens_per_second')} "
+        "tokens/s.\n\n" + loss),
         f"## Merge\n\nmax |logit diff| merged vs base+adapter: {report['merge'].get('max_logit_diff')}",
         "## Stages\n\n" + _md_table(stage_table(report["stages"])),
     ]) + "\n"

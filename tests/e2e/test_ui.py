@@ -109,6 +109,10 @@ def test_run_from_the_ui_form(local_stack, page):
         page.screenshot(path=OUT / "05-artifacts.png")
         page.get_by_text("slmflow-report").first.click()
         expect(page.get_by_text("Quality gate").first).to_be_visible()
+        for alt in ("confusion", "loss curve"):  # the pictures travel inside the artifact
+            image = page.locator(f"img[alt='{alt}']").first
+            expect(image).to_be_visible()
+            assert image.evaluate("i => i.complete && i.naturalWidth > 0"), alt
         page.screenshot(path=OUT / "06-report-artifact.png", full_page=True)
     finally:
         out, _ = worker.communicate(timeout=600)
