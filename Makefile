@@ -32,7 +32,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src flows tasks tests bench deployments infra
 
 bench: $(STAMP)
-	$(VENV)/bin/python bench/bench_default_run.py
+	$(VENV)/bin/python bench/bench_orchestration.py --out runs/bench
+	$(VENV)/bin/python bench/bench_train_throughput.py --run runs/bench/plain
+	$(VENV)/bin/python bench/bench_inference.py --run runs/bench/plain
 
 clean:
 	rm -rf runs test-output

@@ -1,52 +1,106 @@
 """Benchmark: the default run, cold and then cached, side by side (a benchmark, not a test).
 
-Prints wall time, per-stage seconds (from report.json) and peak memory (the largest resident set of
-any process of the run: the flow, the Prefect API server, the model builder), and writes the
-figures to bench/results/default_run.json.
+Prints wall time, per-stage seconds (from report.json), peak memory per stage and for the whole
+run (the largest resident set of the run's process tree at one moment: the flow, the Prefect API
+server, the model builder), and the time to accuracy: when the exported int4 model's evaluation
+ended with accuracy >= 0.90 (seconds from the start of `slmflow run`). Stage boundaries come from
+the run's own log lines, read as they are written. Writes bench/results/default_run.json.
 
 Run as:
-    .venv/bin/python bench/bench_default_run.py [--set key=value ...] [--out DIR]
+    .venv/bin/python bench/bench_default_run.py [--no-prefect] [--set key=value ...] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, PeakRss, load_average, table, write_result
+
+TARGET = 0.90
+# A stage ends: "[label] done: ..." (plain) or "Task run 'label' - Finished in state ..." (Prefect).
+STAGE_END = re.compile(r"^\[(\w+)\] (?:done|cached): |Task run '(\w+)' - Finished in state")
 
 
-def run_once(out: Path, overrides: list[str], extra: list[str]) -> dict:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+class TimedSampler(PeakRss):
+    """PeakRss that also keeps every (time, bytes) sample."""
+
+    def __init__(self, pid: int, interval: float = 0.1):
+        super().__init__(pid, interval)
+        self.samples: list[tuple[float, int]] = []
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = self.sample()
+            self.samples.append((time.perf_counter(), rss))
+            self.peak = max(self.peak, rss)
+            self._stop.wait(self.interval)
+
+
+def run_once(out: Path, overrides: list[str], extra: list[str], env: dict | None = None) -> dict:
+    """One `slmflow run` in a subprocess: wall time, peak memory (whole run and per stage)."""
     cmd = [sys.executable, "-m", "slmflow.cli", "run", "--set", f"output_dir={out}", *extra]
     for o in overrides:
         cmd += ["--set", o]
+    before = load_average()
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1, env=env)
+    ends: dict[str, float] = {}
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            m = STAGE_END.search(line)
+            if m:
+                ends.setdefault(m.group(1) or m.group(2), time.perf_counter())
+
+    reader = threading.Thread(target=read, daemon=True)
+    with TimedSampler(proc.pid) as mem:
+        reader.start()
+        code = proc.wait()
+        reader.join()
     wall = time.perf_counter() - start
-    if proc.returncode not in (0, 1):  # 1: quality gate failed, the figures still count
-        sys.exit(f"run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if code not in (0, 1):  # 1: quality gate failed, the figures still count
+        sys.exit(f"run failed ({code}):\n{''.join(lines)[-4000:]}")
+    import json
+
     report = json.loads((out / "report.json").read_text())
+    stage_peak, prev = {}, start
+    for label in report["stages"]:
+        end = ends.get(label)
+        if end is None:
+            continue
+        window = [b for t, b in mem.samples if prev <= t <= end]
+        stage_peak[label] = round(max(window) / 2**20) if window else None
+        prev = end
+    accuracy = {k: round(v["accuracy"], 4) for k, v in report["models"].items()}
+    reached = accuracy.get("exported", 0) >= TARGET and "evaluate_exported" in ends
     return {
         "wall_seconds": round(wall, 1),
-        "peak_rss_mb": round(peak_kb / 1024, 0) if peak_kb > before else None,
+        "peak_rss_mb": mem.peak_mb,
         "stages": {k: v["seconds"] for k, v in report["stages"].items()},
         "cached": {k: v["cached"] for k, v in report["stages"].items()},
-        "accuracy": {k: round(v["accuracy"], 4) for k, v in report["models"].items()},
-        "exit": proc.returncode,
+        "stage_peak_rss_mb": stage_peak,
+        "accuracy": accuracy,
+        "time_to_accuracy_seconds": round(ends["evaluate_exported"] - start, 1) if reached else None,
+        "load_average_before": before,
+        "load_average_after": load_average(),
+        "exit": code,
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--no-prefect", action="store_true")
     parser.add_argument("--out", default=None, help="run folder (default: a fresh temp folder)")
@@ -56,17 +110,22 @@ def main() -> None:
     extra = ["--no-prefect"] if args.no_prefect else []
     cold = run_once(out, args.overrides, extra)
     cached = run_once(out, args.overrides, extra)
-    print(f"{'':22}{'cold':>10}{'cached':>10}")
-    print(f"{'wall seconds':22}{cold['wall_seconds']:>10}{cached['wall_seconds']:>10}")
+    rows = [["wall seconds", cold["wall_seconds"], cached["wall_seconds"], None, None]]
     for stage in cold["stages"]:
-        print(f"  {stage:20}{cold['stages'][stage]:>10.1f}{cached['stages'][stage]:>10.2f}"
-              f"  {'cached' if cached['cached'][stage] else 'RERAN'}")
-    print(f"{'peak RSS MB':22}{cold['peak_rss_mb']!s:>10}{'-':>10}")
+        rows.append([f"  {stage}", cold["stages"][stage], cached["stages"][stage],
+                     "cached" if cached["cached"][stage] else "RERAN",
+                     cold["stage_peak_rss_mb"].get(stage)])
+    rows.append(["peak RSS MB (tree)", cold["peak_rss_mb"], cached["peak_rss_mb"], None, None])
+    mode = "plain" if args.no_prefect else "Prefect"
+    print(f"default run ({mode}), load average {cold['load_average_before']} before cold, "
+          f"{cached['load_average_after']} after cached")
+    print(table(["", "cold s", "cached s", "rerun", "cold peak MB"], rows))
     print(f"cached / cold wall time: {cached['wall_seconds'] / cold['wall_seconds']:.1%}")
     print(f"accuracy: {cold['accuracy']}")
-    results = REPO / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "default_run.json").write_text(json.dumps({"cold": cold, "cached": cached}, indent=2))
+    tta = cold["time_to_accuracy_seconds"]
+    print(f"time to exported int4 accuracy >= {TARGET}: " + (f"{tta} s" if tta else "not reached"))
+    write_result("default_run" + ("_plain" if args.no_prefect else ""),
+                 {"mode": mode, "overrides": args.overrides, "cold": cold, "cached": cached})
 
 
 if __name__ == "__main__":

@@ -51,22 +51,35 @@ def run_pipeline(config: PipelineConfig, run: Runner, publish: Callable[[dict, P
     adapter = stage("finetune", "finetune", cfg=config.finetune, base=base, data=data)
     merged = stage("merge", "merge", cfg=config.merge, base=base, adapter=adapter, data=data,
                    trust_remote_code=config.model.trust_remote_code)
-    onnx = stage("export", "export", cfg=config.export, merged=merged, data=data)
-    evaluations = {
-        name: stage(f"evaluate_{name}", "evaluate", cfg=config.evaluate, model=model, data=data,
-                    labels=config.data.labels, trust_remote_code=config.model.trust_remote_code)
-        for name, model in (("base", base), ("merged", merged), ("exported", onnx))
-    }
+
+    def evaluate(model: ArtifactRef, label: str) -> ArtifactRef:
+        return stage(label, "evaluate", cfg=config.evaluate, model=model, data=data,
+                     labels=config.data.labels, trust_remote_code=config.model.trust_remote_code)
+
+    evaluations = {"base": evaluate(base, "evaluate_base"),
+                   "merged": evaluate(merged, "evaluate_merged")}
+    search = None
+    if config.export.recipe == "auto":  # every candidate exported and evaluated, one kept
+        onnx, evaluations["exported"], search = search_export_recipe(
+            config, stage, evaluate, merged, data, evaluations["merged"])
+    else:
+        onnx = stage("export", "export", cfg=config.export, merged=merged, data=data)
+        evaluations["exported"] = evaluate(onnx, "evaluate_exported")
 
     refs = {"base_model": base, "prepare_data": data, "finetune": adapter, "merge": merged,
             "export": onnx}
     inputs = {k: sources[k] for k in ("model_source", "train_source", "eval_source")}
     model_dir = publish_model(onnx, out_dir, build_manifest(config, inputs, refs))
     report = build_report(config, data, adapter, merged, onnx, evaluations, timings,
-                          total_seconds=time.perf_counter() - started, exported_dir=model_dir)
+                          total_seconds=time.perf_counter() - started, exported_dir=model_dir,
+                          search=search)
     path = write_report(report, out_dir)
     if publish:
         publish(report, path)
+    if search is not None and search["chosen"] is None:
+        from slmflow.recipes import failure_message
+
+        raise QualityGateError.for_report(path, f"{failure_message(search)}; see {path}")
     gate = report["quality_gate"]
     if not gate["passed"]:
         raise QualityGateError.for_report(path,
@@ -76,6 +89,54 @@ def run_pipeline(config: PipelineConfig, run: Runner, publish: Callable[[dict, P
             "k_quant_mixed or a higher export.precision",
         )
     return path
+
+
+def search_export_recipe(
+    config: PipelineConfig,
+    stage: Callable[..., ArtifactRef],
+    evaluate: Callable[[ArtifactRef, str], ArtifactRef],
+    merged: ArtifactRef,
+    data: ArtifactRef,
+    merged_eval: ArtifactRef,
+) -> tuple[ArtifactRef, ArtifactRef, dict[str, Any]]:
+    """Export and evaluate each candidate recipe; (chosen export, its evaluation, the search).
+
+    With no candidate within the gate, the most accurate one stands in (so the report is
+    complete) and `summary["chosen"]` is None: the run then fails listing every candidate.
+    """
+    from slmflow import recipes
+    from slmflow.errors import StageCheckError
+
+    search, max_drop = config.export.search, config.evaluate.max_accuracy_drop
+    merged_acc = merged_eval.meta["accuracy"]
+    built: dict[str, tuple[ArtifactRef, ArtifactRef]] = {}
+
+    def run_candidate(name: str) -> dict[str, Any]:
+        onnx = evaluation = error = None
+        try:
+            onnx = stage(f"export[{name}]", "export",
+                         cfg=recipes.candidate_config(config.export, name), merged=merged, data=data)
+            evaluation = evaluate(onnx, f"evaluate_exported[{name}]")
+            built[name] = (onnx, evaluation)
+        except Exception as exc:  # noqa: BLE001 - a broken candidate is a finding, not the end
+            error = f"{type(exc).__name__}: {exc}"
+            print(f"recipe search: {name} failed: {error}")
+        return recipes.candidate_record(name, onnx, evaluation, merged_acc, max_drop, error)
+
+    params = 0
+    if search.max_parallel > 1:  # memory decides how many run at once
+        from slmflow.stages.base_model import describe_model, model_dir
+
+        params = describe_model(model_dir(merged))["parameters"]
+    parallel = recipes.parallel_limit(search, params, log=print)
+    records = recipes.run_search(search, run_candidate, parallel, log=print)
+    summary = recipes.search_summary(records, search.objective, merged_acc, max_drop)
+    pick = summary["chosen"] or max(built, key=lambda n: built[n][1].meta["accuracy"], default=None)
+    if pick is None:
+        raise StageCheckError(recipes.failure_message(summary))
+    print(f"recipe search: {summary['chosen'] or 'none within the gate'} "
+          f"(objective {search.objective}, {len(built)}/{len(records)} candidates evaluated)")
+    return (*built[pick], summary)
 
 
 def run_plain(name: str, label: str, **kwargs: Any) -> tuple[ArtifactRef, bool]:
@@ -121,6 +182,11 @@ def publish_artifacts(report: dict, path: Path) -> None:
                           description="Accuracy, latency and size of base, merged and exported")
     create_table_artifact(stage_table(report["stages"]), key="slmflow-stages",
                           description="Seconds per stage and whether it was cached")
+    if report.get("export_search"):
+        from slmflow.recipes import recipe_table
+
+        create_table_artifact(recipe_table(report["export_search"]), key="slmflow-recipes",
+                              description="Export recipe search: every candidate and its verdict")
     create_markdown_artifact(render_markdown(report, inline_images=True), key="slmflow-report",
                              description=f"Full report: {path}")
 

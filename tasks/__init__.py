@@ -9,6 +9,7 @@ is dropped and the stage runs again.
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +117,14 @@ def finetune_task(cfg: FinetuneConfig, store: str, base: ArtifactRef, data: Arti
         0.0, key="finetune-progress", description="Fine-tuning steps done (%)"
     )
 
+    last_sent = [0.0]
+
     def on_progress(step: int, total: int, last: dict[str, float]) -> None:
+        # an API call per step cost ~5 s of a 100-step run: at most one a second, and the last
+        now = time.monotonic()
+        if step < total and now - last_sent[0] < 1.0:
+            return
+        last_sent[0] = now
         pct = 100.0 * step / max(total, 1)
         loss = f", loss {last['loss']:.4f}" if "loss" in last else ""
         update_progress_artifact(artifact_id, pct, description=f"step {step}/{total}{loss}")

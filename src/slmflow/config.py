@@ -265,8 +265,58 @@ class MergeConfig(_Config):
     check_prompts: int = Field(4, ge=1, le=64, title="Check prompts", description="Rows checked.")
 
 
+RecipeName = Literal[
+    "int4_rtn_b128", "int4_rtn_b64", "int4_rtn_b32", "int4_rtn_b16", "int4_default",
+    "int4_k_quant", "int4_k_quant_last", "int4_k_quant_mixed", "int8", "fp16",
+]
+ALL_RECIPES: tuple[str, ...] = RecipeName.__args__  # from the smallest expected model up
+
+
+class RecipeSearchConfig(_Config):
+    """What `export.recipe: auto` tries, and how it picks (see slmflow.recipes)."""
+
+    candidates: list[RecipeName] = Field(
+        default_factory=lambda: list(ALL_RECIPES),
+        min_length=1,
+        title="Candidates",
+        description="Recipes to export and evaluate: int4 RTN by block size (b16-b128), int4_default "
+        "(the builder's own: RTN, block 32), int4 k_quant / k_quant_last / k_quant_mixed, int8, fp16.",
+    )
+    objective: Literal["smallest", "fastest"] = Field(
+        "smallest",
+        title="Objective",
+        description="Among the candidates within the quality gate, keep the smallest on disk or "
+        "the fastest (p50 latency on the eval split).",
+    )
+    max_parallel: int = Field(
+        1,
+        ge=1,
+        le=8,
+        title="Parallel candidates",
+        description="Candidates exported and evaluated at once (lowered to what memory allows).",
+    )
+
+    @field_validator("candidates")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        twice = sorted({v for v in value if value.count(v) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} listed twice; name each recipe once")
+        return value
+
+
 class ExportConfig(_Config):
     """ONNX export with onnxruntime-genai's model builder."""
+
+    recipe: Literal["manual", "auto"] = Field(
+        "manual",
+        title="Recipe",
+        description="manual: export with precision/algo_config/block_size below; auto: export and "
+        "evaluate every candidate of `search`, keep the smallest (or fastest) within the gate.",
+    )
+    search: RecipeSearchConfig = Field(
+        default_factory=RecipeSearchConfig, title="Recipe search", description="Used by recipe: auto."
+    )
 
     precision: Literal["int4", "int8", "fp16", "fp32"] = Field(
         "int4", title="Precision", description="Weight precision of the exported model."

@@ -9,8 +9,11 @@ copied into a fresh model of the same class and saved from there. The resulting 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 from slmflow.artifacts import build_folder
 
@@ -55,14 +58,42 @@ def is_complete(model_dir: str | Path) -> bool:
     return all((model_dir / name).is_file() for name in _REQUIRED_FILES)
 
 
+@contextlib.contextmanager
+def _gguf_read_once():
+    """Reuse gguf's parsed file and tensor-name map while transformers loads a GGUF.
+
+    transformers parses the whole file three times (tokenizer, config, weights: ~3 s each on
+    2 cores, most of it decoding the 49k-token vocabulary) and builds llama.cpp's tensor-name map
+    once per module (~400 times, ~4 s). Both are pure functions of their arguments here, so each
+    is computed once; the converted weights are byte for byte the same.
+    """
+    import gguf
+
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path, mode="r"):
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
+
+
 def _save_plain(gguf_file: Path, out_dir: Path) -> None:
     """Load ``gguf_file`` (dequantized to float32) and save it as safetensors into ``out_dir``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     folder, name = str(gguf_file.parent), gguf_file.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    with _gguf_read_once():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

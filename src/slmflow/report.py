@@ -119,6 +119,25 @@ def _num(value: Any, digits: int = 4) -> Any:
     return round(value, digits) if isinstance(value, float) else value
 
 
+def _search_section(search: dict[str, Any] | None, inline: bool) -> list[str]:
+    """The recipe search: why this export recipe (only for export.recipe: auto)."""
+    if not search:
+        return []
+    from slmflow.recipes import recipe_table, search_svg
+
+    default = search.get("builder_default")
+    why = (f"Candidates must reach accuracy {search['min_accuracy']:.4f} (merged "
+           f"{search['merged_accuracy']:.4f} minus evaluate.max_accuracy_drop); chosen: "
+           f"**{search['chosen'] or 'none'}**, the {search['objective']} of those that do.")
+    if default:
+        acc = default.get("accuracy")
+        why += (" The builder's default (int4_default: RTN, block 32) "
+                + (f"scored {acc:.4f} ({default['verdict']})." if acc is not None
+                   else f"failed: {default.get('error')}."))
+    return ["## Export recipe search\n\n" + why + "\n\n" + _md_table(recipe_table(search)),
+            _image("recipe search", "recipe_search.svg", search_svg(search), inline)]
+
+
 def render_markdown(report: dict[str, Any], inline_images: bool = False) -> str:
     gate = report["quality_gate"]
     verdict = "passed" if gate["passed"] else "FAILED"
@@ -134,6 +153,7 @@ def render_markdown(report: dict[str, Any], inline_images: bool = False) -> str:
         "## Models on the eval split\n\n" + _md_table(model_table(report["models"])),
         (f"Quality gate {verdict}: exported accuracy {gate['exported_accuracy']:.4f} vs merged "
         f"{gate['merged_accuracy']:.4f} (drop {gate['drop']:.4f}, allowed {gate['max_accuracy_drop']})."),
+        *_search_section(report.get("export_search"), inline_images),
         "## Confusion matrix (exported)\n\n" + confusion,
         (f"## Training\n\n{report['training'].get('steps')} steps, final loss "
         f"{_num(report['training'].get('final_loss'))}, {report['training'].get('tokens_per_second')} "
@@ -144,7 +164,8 @@ def render_markdown(report: dict[str, Any], inline_images: bool = False) -> str:
 
 
 def build_report(
-    config, data, adapter, merged, onnx, evaluations, timings, total_seconds, exported_dir=None
+    config, data, adapter, merged, onnx, evaluations, timings, total_seconds, exported_dir=None,
+    search=None,
 ) -> dict[str, Any]:
     """The report of one run, from the stage references (all small, all JSON)."""
     from slmflow import __version__
@@ -172,6 +193,7 @@ def build_report(
         "training": {**adapter.meta, "loss_curve": json.loads(loss_file.read_text())},
         "merge": merged.meta,
         "export": onnx.meta,
+        "export_search": search,
         "stages": timings,
         "total_seconds": round(total_seconds, 2),
         "config": config.model_dump(mode="json"),
@@ -186,6 +208,10 @@ def write_report(report: dict[str, Any], out_dir: Path) -> Path:
     if exported:
         write_atomic(out_dir / "confusion_exported.svg",
                      confusion_svg(exported["confusion"], "exported model: true label vs answer"))
+    if report.get("export_search"):
+        from slmflow.recipes import search_svg
+
+        write_atomic(out_dir / "recipe_search.svg", search_svg(report["export_search"]))
     write_atomic(out_dir / "report.md", render_markdown(report))
     path = out_dir / "report.json"
     write_atomic(path, json.dumps(report, indent=2, ensure_ascii=False))

@@ -26,6 +26,7 @@ from slmflow.artifacts import (
 )
 from slmflow.config import BaseModelConfig
 from slmflow.errors import ConfigError
+from slmflow.stages import release_memory
 
 VERSION = 1
 
@@ -258,7 +259,9 @@ def materialize_base_model(
             _download(cfg, target, log)
         return describe_model(target)
 
-    return run_stage(KIND, key, store, [source], build, log=log)
+    ref = run_stage(KIND, key, store, [source], build, log=log)
+    release_memory()
+    return ref
 
 
 def _download(cfg: BaseModelConfig, target: Path, log=print) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from slmflow.artifacts import ArtifactRef, dir_size, run_stage, stage_key
 from slmflow.config import ExportConfig
 from slmflow.errors import StageCheckError
+from slmflow.stages import release_memory
 
 VERSION = 1
 
@@ -49,14 +50,17 @@ def smoke_generate(folder: Path, prompt: str, max_new_tokens: int = 4) -> str:
     from slmflow.stages.evaluate import onnx_generator
 
     generate, tokenizer = onnx_generator(folder)
-    return tokenizer.decode(generate(list(tokenizer.encode(prompt)), max_new_tokens))
+    return tokenizer.decode(generate([list(tokenizer.encode(prompt))], max_new_tokens)[0])
 
 
 KIND = "onnx_model"
 
 
 def onnx_key(cfg: ExportConfig, store: Path, merged: ArtifactRef, data: ArtifactRef) -> str:
-    return stage_key(KIND, VERSION, cfg, [merged, data], store)
+    # What is built, not how it was chosen: a recipe search's candidate and the same recipe
+    # asked for by hand share one folder.
+    built = cfg.model_dump(mode="json", exclude={"recipe", "search"})
+    return stage_key(KIND, VERSION, built, [merged, data], store)
 
 
 def export_onnx(
@@ -101,4 +105,6 @@ def export_onnx(
             "smoke_output": sample,
         }
 
-    return run_stage(KIND, key, store, [merged, data], build, log=log)
+    ref = run_stage(KIND, key, store, [merged, data], build, log=log)
+    release_memory()
+    return ref

@@ -17,6 +17,7 @@ from typing import Any
 from slmflow.artifacts import ArtifactRef, run_stage, stage_key
 from slmflow.config import FinetuneConfig
 from slmflow.errors import ConfigError
+from slmflow.stages import release_memory
 
 VERSION = 2  # 2: the batch order of group_by_length depends on (seed, epoch) only
 
@@ -98,6 +99,35 @@ def _collate(pad_id: int):
     return collate
 
 
+def labelled_logits_only(labels) -> dict[str, Any]:
+    """Model kwargs that project to the vocabulary only where a token has a target.
+
+    With the loss on the answer, ~3 of ~30 positions of a row have a target; the others' logits
+    (49k floats each for SmolLM2) were computed and thrown away, forward and backward. The loss is
+    the same sum over the same target tokens (`shift_labels` are the targets of the kept positions).
+    """
+    import torch
+
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    keep = targets != -100
+    return {"logits_to_keep": keep, "shift_labels": targets[keep]}
+
+
+def supports_labelled_logits(model) -> bool:
+    """Whether the (peft-wrapped) causal LM takes `logits_to_keep` and the causal-LM loss."""
+    import inspect
+
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return (
+        "logits_to_keep" in params
+        and any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+        and getattr(base, "loss_function", None) is ForCausalLMLoss
+    )
+
+
 def _checkpoint_step(folder: Path) -> int | None:
     """The step of a complete checkpoint, else None.
 
@@ -142,6 +172,13 @@ def _trainer_class(group_by_length: bool, seed: int):
             return super().__iter__()
 
     class SlmflowTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not hasattr(self, "_labelled_logits"):
+                self._labelled_logits = supports_labelled_logits(self.model)
+            if self._labelled_logits and not return_outputs and "labels" in inputs:
+                inputs = {**inputs, **labelled_logits_only(inputs["labels"])}
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
         def _get_train_sampler(self, train_dataset=None):
             dataset = self.train_dataset if train_dataset is None else train_dataset
             if not group_by_length:
@@ -270,4 +307,6 @@ def finetune(
             "tokens_per_second": round(tokens["n"] * epochs_seen * ran / max(seconds, 1e-9), 1),
         }
 
-    return run_stage(KIND, key, store, [base, data], build, log=log)
+    ref = run_stage(KIND, key, store, [base, data], build, log=log)
+    release_memory()
+    return ref

@@ -13,6 +13,7 @@ from typing import Any
 from slmflow.artifacts import ArtifactRef, run_stage, stage_key
 from slmflow.config import MergeConfig
 from slmflow.errors import StageCheckError
+from slmflow.stages import release_memory
 
 VERSION = 1
 
@@ -76,4 +77,6 @@ def merge_adapter(
         tokenizer.save_pretrained(out / "model")
         return {"max_logit_diff": diff, "dtype": cfg.dtype, "check_prompts": len(prompts)}
 
-    return run_stage(KIND, key, store, [base, adapter, data], build, log=log)
+    ref = run_stage(KIND, key, store, [base, adapter, data], build, log=log)
+    release_memory()
+    return ref

@@ -1,0 +1,225 @@
+"""Pick the export recipe by measurement (`export.recipe: auto`).
+
+Every candidate recipe is exported and evaluated on the eval split with the ordinary export and
+evaluation stages (so each is its own content-keyed result, shared with a manual run of the same
+recipe); the smallest (or fastest) candidate within the quality gate wins. A candidate the builder
+breaks, or that fails to load or run, is recorded as failed with its error and the search goes on.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from html import escape
+from typing import Any
+
+from slmflow.artifacts import ArtifactRef
+from slmflow.config import ExportConfig, RecipeSearchConfig
+
+# How each named recipe sets the builder (fields of ExportConfig); unset fields keep the
+# builder's defaults, so int4_k_quant_mixed is exactly the manual default's export.
+RECIPES: dict[str, dict[str, Any]] = {
+    "int4_rtn_b128": {"precision": "int4", "algo_config": "rtn", "block_size": 128},
+    "int4_rtn_b64": {"precision": "int4", "algo_config": "rtn", "block_size": 64},
+    "int4_rtn_b32": {"precision": "int4", "algo_config": "rtn", "block_size": 32},
+    "int4_rtn_b16": {"precision": "int4", "algo_config": "rtn", "block_size": 16},
+    "int4_default": {"precision": "int4", "algo_config": "default"},
+    "int4_k_quant": {"precision": "int4", "algo_config": "k_quant"},
+    "int4_k_quant_last": {"precision": "int4", "algo_config": "k_quant_last"},
+    "int4_k_quant_mixed": {"precision": "int4", "algo_config": "k_quant_mixed"},
+    "int8": {"precision": "int8", "algo_config": "default"},
+    "fp16": {"precision": "fp16", "algo_config": "default"},
+}
+BUILDER_DEFAULT = "int4_default"
+
+
+def candidate_config(cfg: ExportConfig, name: str) -> ExportConfig:
+    """The manual export config of recipe `name` (execution provider and extras kept)."""
+    return cfg.model_copy(update={
+        "recipe": "manual", "search": RecipeSearchConfig(), "block_size": None,
+        "matmul_mixed_precision": None, **RECIPES[name],
+    })
+
+
+def gate_passed(merged_accuracy: float, accuracy: float, max_drop: float) -> bool:
+    """The report's quality gate: exported at most `max_drop` below merged."""
+    return merged_accuracy - accuracy <= max_drop + 1e-9
+
+
+def candidate_record(name: str, onnx: ArtifactRef | None, evaluation: ArtifactRef | None,
+                     merged_accuracy: float, max_drop: float, error: str | None = None) -> dict:
+    """One row of the search: what was built, how it scored, and the verdict."""
+    record: dict[str, Any] = {"recipe": name, **RECIPES[name], "verdict": "failed", "error": error}
+    if onnx is not None:
+        record.update(size_bytes=onnx.meta.get("size_bytes"), onnx_key=onnx.key, onnx_uri=onnx.uri)
+    if evaluation is not None:
+        m = evaluation.meta
+        record.update(accuracy=m["accuracy"], macro_f1=m["macro_f1"],
+                      latency_ms_p50=m["latency_ms_p50"], latency_ms_p95=m["latency_ms_p95"],
+                      evaluation_key=evaluation.key)
+        ok = gate_passed(merged_accuracy, m["accuracy"], max_drop)
+        record["verdict"] = "passed" if ok else "below gate"
+    return record
+
+
+def choose(records: list[dict], objective: str) -> dict | None:
+    """The smallest (or fastest) candidate that passed; ties go to the more accurate."""
+    passed = [r for r in records if r["verdict"] == "passed"]
+    if not passed:
+        return None
+    metric = "size_bytes" if objective == "smallest" else "latency_ms_p50"
+    return min(passed, key=lambda r: (r[metric], -r["accuracy"], r["recipe"]))
+
+
+def pareto_front(records: list[dict]) -> list[str]:
+    """Recipes no other candidate beats on both size (smaller) and accuracy (higher)."""
+    scored = [r for r in records if "accuracy" in r and r.get("size_bytes")]
+    front = []
+    for r in scored:
+        dominated = any(
+            o["size_bytes"] <= r["size_bytes"] and o["accuracy"] >= r["accuracy"]
+            and (o["size_bytes"] < r["size_bytes"] or o["accuracy"] > r["accuracy"])
+            for o in scored)
+        if not dominated:
+            front.append(r["recipe"])
+    return sorted(front, key=lambda n: next(r["size_bytes"] for r in scored if r["recipe"] == n))
+
+
+def run_search(
+    cfg: RecipeSearchConfig,
+    run_candidate: Callable[[str], dict],
+    parallel: int,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Run every candidate (`parallel` at a time), in the order the config lists them."""
+    if parallel <= 1:
+        return [run_candidate(name) for name in cfg.candidates]
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="recipe") as pool:
+        # each thread runs in a copy of this context, so Prefect's flow run context goes along
+        futures = [pool.submit(contextvars.copy_context().run, run_candidate, name)
+                   for name in cfg.candidates]
+        return [f.result() for f in futures]
+
+
+def parallel_limit(cfg: RecipeSearchConfig, params: int, log: Callable[[str], None] = print) -> int:
+    """`max_parallel`, lowered so that concurrent exports fit in the memory available now."""
+    from slmflow.resources import available_memory_bytes, estimate_export
+
+    if cfg.max_parallel <= 1:
+        return 1
+    need = estimate_export(params, "fp16")[0]
+    fits = max(1, available_memory_bytes() // max(need, 1))
+    if fits < cfg.max_parallel:
+        log(f"recipe search: {fits} candidate(s) at a time, not {cfg.max_parallel}: each export "
+            f"needs about {need / 2**30:.1f} GiB")
+    return int(min(cfg.max_parallel, fits))
+
+
+def search_summary(records: list[dict], objective: str, merged_accuracy: float,
+                   max_drop: float) -> dict[str, Any]:
+    chosen = choose(records, objective)
+    builder_default = next((r for r in records if r["recipe"] == BUILDER_DEFAULT), None)
+    return {
+        "objective": objective,
+        "merged_accuracy": merged_accuracy,
+        "min_accuracy": round(merged_accuracy - max_drop, 6),
+        "chosen": chosen["recipe"] if chosen else None,
+        "builder_default": builder_default and {
+            k: builder_default.get(k) for k in ("verdict", "accuracy", "size_bytes", "error")},
+        "pareto_front": pareto_front(records),
+        "candidates": records,
+    }
+
+
+def failure_message(summary: dict[str, Any]) -> str:
+    rows = "; ".join(
+        f"{r['recipe']} {r['accuracy']:.4f}" if "accuracy" in r
+        else f"{r['recipe']} failed ({(r.get('error') or '')[:80]})"
+        for r in summary["candidates"])
+    return (f"recipe search: no candidate holds the quality gate (accuracy >= "
+            f"{summary['min_accuracy']:.4f} = merged {summary['merged_accuracy']:.4f} - "
+            f"evaluate.max_accuracy_drop): {rows}; add int8/fp16 to export.search.candidates or "
+            "allow a larger evaluate.max_accuracy_drop")
+
+
+def recipe_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The search as table rows (report and Prefect artifact)."""
+    rows = []
+    for r in summary["candidates"]:
+        verdict = r["verdict"]
+        if r["recipe"] == summary["chosen"]:
+            verdict = f"chosen ({summary['objective']} within the gate)"
+        elif r["verdict"] == "failed":
+            verdict = f"failed: {(r.get('error') or '')[:120]}"
+        rows.append({
+            "recipe": r["recipe"],
+            "size_mb": round(r["size_bytes"] / 2**20, 1) if r.get("size_bytes") else "",
+            "accuracy": round(r["accuracy"], 4) if "accuracy" in r else "",
+            "macro_f1": round(r["macro_f1"], 4) if "macro_f1" in r else "",
+            "p50_ms": r.get("latency_ms_p50", ""),
+            "p95_ms": r.get("latency_ms_p95", ""),
+            "pareto": "yes" if r["recipe"] in summary["pareto_front"] else "",
+            "verdict": verdict,
+        })
+    return rows
+
+
+def search_svg(summary: dict[str, Any], width: int = 620, height: int = 340) -> str:
+    """Size against accuracy: every scored candidate, the gate, the Pareto front, the choice."""
+    scored = [r for r in summary["candidates"] if "accuracy" in r and r.get("size_bytes")]
+    head = f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">'
+    if not scored:
+        return head + '<text x="8" y="24">no candidate was evaluated</text></svg>'
+    left, right, top, bottom = 56, 150, 24, 40
+    sizes = [r["size_bytes"] / 2**20 for r in scored]
+    accs = [r["accuracy"] for r in scored] + [summary["min_accuracy"]]
+    x0, x1 = min(sizes) * 0.85, max(sizes) * 1.08
+    y0, y1 = max(0.0, min(accs) - 0.05), min(1.0, max(accs) + 0.03)
+    y1 = y1 if y1 > y0 else y0 + 0.1
+
+    def px(size_mb: float) -> float:
+        return left + (width - left - right) * (size_mb - x0) / (x1 - x0)
+
+    def py(acc: float) -> float:
+        return top + (height - top - bottom) * (1 - (acc - y0) / (y1 - y0))
+
+    parts = [head, '<rect width="100%" height="100%" fill="white"/>',
+             f'<text x="{left}" y="14" font-size="12">size on disk vs accuracy on the eval split</text>',
+             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#444"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#444"/>',
+             f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">size (MB)</text>',
+             f'<text x="12" y="{(top + height - bottom) / 2}" transform="rotate(-90 12 {(top + height - bottom) / 2})" text-anchor="middle">accuracy</text>']
+    for i in range(5):
+        acc = y0 + (y1 - y0) * i / 4
+        size = x0 + (x1 - x0) * i / 4
+        parts.append(f'<text x="{left - 4}" y="{py(acc) + 4:.1f}" text-anchor="end">{acc:.2f}</text>')
+        parts.append(f'<text x="{px(size):.1f}" y="{height - bottom + 14}" text-anchor="middle">{size:.0f}</text>')
+    gate_y = py(summary["min_accuracy"])
+    parts.append(f'<line x1="{left}" y1="{gate_y:.1f}" x2="{width - right}" y2="{gate_y:.1f}" stroke="#d62728" stroke-dasharray="5,4"/>')
+    parts.append(f'<text x="{left + 4}" y="{gate_y - 4:.1f}" fill="#d62728">gate {summary["min_accuracy"]:.3f}</text>')
+    by_name = {r["recipe"]: r for r in scored}
+    front = [by_name[n] for n in summary["pareto_front"] if n in by_name]
+    if len(front) > 1:
+        points = " ".join(f"{px(r['size_bytes'] / 2**20):.1f},{py(r['accuracy']):.1f}" for r in front)
+        parts.append(f'<polyline points="{points}" fill="none" stroke="#2ca02c" stroke-width="1.5"/>')
+    for r in scored:
+        x, y = px(r["size_bytes"] / 2**20), py(r["accuracy"])
+        color = "#1f77b4" if r["verdict"] == "passed" else "#999"
+        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{color}"/>')
+        parts.append(f'<text x="{x + 6:.1f}" y="{y - 5:.1f}" font-size="9">{escape(r["recipe"])}</text>')
+        if r["recipe"] == summary["chosen"]:
+            parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="9" fill="none" stroke="#ff7f0e" stroke-width="2.5"/>')
+    legend_x = width - right + 10
+    for i, (color, label) in enumerate((("#ff7f0e", "chosen"), ("#2ca02c", "Pareto front"),
+                                        ("#1f77b4", "within gate"), ("#999", "below gate"))):
+        y = top + 30 + 16 * i
+        parts.append(f'<rect x="{legend_x}" y="{y - 8}" width="10" height="10" fill="{color}"/>')
+        parts.append(f'<text x="{legend_x + 14}" y="{y + 1}">{label}</text>')
+    failed = [r["recipe"] for r in summary["candidates"] if r["verdict"] == "failed"]
+    if failed:
+        parts.append(f'<text x="{legend_x}" y="{top + 120}">failed:</text>')
+        for i, name in enumerate(failed):
+            parts.append(f'<text x="{legend_x}" y="{top + 134 + 12 * i}" font-size="9">{escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)

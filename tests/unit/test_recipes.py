@@ -1,0 +1,123 @@
+"""The export recipe search (`export.recipe: auto`): candidates, choice, Pareto front, failures."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from slmflow import recipes
+from slmflow.artifacts import ArtifactRef
+from slmflow.config import ALL_RECIPES, ExportConfig, PipelineConfig, RecipeSearchConfig
+from slmflow.configio import build_config
+from slmflow.errors import ConfigError
+from slmflow.stages.export import builder_options, onnx_key
+
+
+def _ref(kind: str, key: str, **meta) -> ArtifactRef:
+    return ArtifactRef(kind=kind, uri=f"/store/{kind}/{key}", sha256=key * 4, key=key, meta=meta)
+
+
+def _record(name, size_mb, acc, merged=0.9, drop=0.02, p50=10.0):
+    onnx = _ref("onnx_model", name, size_bytes=int(size_mb * 2**20))
+    ev = _ref("evaluation", name + "e", accuracy=acc, macro_f1=acc, latency_ms_p50=p50,
+              latency_ms_p95=p50 * 2)
+    return recipes.candidate_record(name, onnx, ev, merged, drop)
+
+
+def test_every_recipe_name_has_builder_settings():
+    assert set(recipes.RECIPES) == set(ALL_RECIPES)
+    assert RecipeSearchConfig().candidates == list(ALL_RECIPES)
+
+
+def test_candidate_shares_the_folder_of_the_same_manual_recipe(tmp_path):
+    merged, data = _ref("merged_model", "m"), _ref("dataset", "d")
+    manual = ExportConfig()  # int4 k_quant_mixed, the default
+    auto = ExportConfig(recipe="auto", search=RecipeSearchConfig(objective="fastest"))
+    candidate = recipes.candidate_config(auto, "int4_k_quant_mixed")
+    assert onnx_key(candidate, tmp_path, merged, data) == onnx_key(manual, tmp_path, merged, data)
+    rtn = recipes.candidate_config(auto, "int4_rtn_b64")
+    assert builder_options(rtn)["algo_config"] == "rtn" and builder_options(rtn)["block_size"] == "64"
+    assert onnx_key(rtn, tmp_path, merged, data) != onnx_key(manual, tmp_path, merged, data)
+    assert recipes.candidate_config(auto, "fp16").precision == "fp16"
+    cuda = recipes.candidate_config(ExportConfig(execution_provider="cuda"), "int8")
+    assert cuda.execution_provider == "cuda"
+
+
+def test_choice_is_the_smallest_or_fastest_within_the_gate():
+    records = [_record("int4_rtn_b32", 80, 0.85, p50=9), _record("int4_k_quant_mixed", 110, 0.90, p50=12),
+               _record("int8", 180, 0.905, p50=8), _record("fp16", 270, 0.90, p50=15)]
+    assert [r["verdict"] for r in records] == ["below gate", "passed", "passed", "passed"]
+    assert recipes.choose(records, "smallest")["recipe"] == "int4_k_quant_mixed"
+    assert recipes.choose(records, "fastest")["recipe"] == "int8"
+    # fp16 is bigger and no more accurate than int8: not on the front
+    assert recipes.pareto_front(records) == ["int4_rtn_b32", "int4_k_quant_mixed", "int8"]
+
+
+def test_failed_candidates_are_recorded_and_the_search_goes_on():
+    calls = []
+
+    def run(name):
+        calls.append(name)
+        if name == "int4_rtn_b128":
+            return recipes.candidate_record(name, None, None, 0.9, 0.02,
+                                            error="StageCheckError: builder failed: 576 % 128")
+        return _record(name, {"int4_k_quant": 90, "int8": 180}[name], 0.9)
+
+    cfg = RecipeSearchConfig(candidates=["int4_rtn_b128", "int4_k_quant", "int8"])
+    records = recipes.run_search(cfg, run, parallel=1)
+    assert calls == ["int4_rtn_b128", "int4_k_quant", "int8"]
+    summary = recipes.search_summary(records, "smallest", 0.9, 0.02)
+    assert summary["chosen"] == "int4_k_quant"
+    rows = {r["recipe"]: r for r in recipes.recipe_table(summary)}
+    assert rows["int4_rtn_b128"]["verdict"].startswith("failed: StageCheckError: builder failed")
+    assert rows["int4_k_quant"]["verdict"] == "chosen (smallest within the gate)"
+    svg = recipes.search_svg(summary)
+    assert svg.startswith("<svg") and "int4_rtn_b128" in svg and "chosen" in svg
+
+
+def test_parallel_search_keeps_the_config_order():
+    seen = set()
+
+    def run(name):
+        seen.add(threading.current_thread().name)
+        return _record(name, 100, 0.9)
+
+    cfg = RecipeSearchConfig(candidates=["int8", "fp16", "int4_k_quant", "int4_default"])
+    records = recipes.run_search(cfg, run, parallel=2)
+    assert [r["recipe"] for r in records] == cfg.candidates
+    assert all(name.startswith("recipe") for name in seen)
+
+
+def test_parallel_limit_follows_memory(monkeypatch):
+    from slmflow import resources
+
+    monkeypatch.setattr(resources, "available_memory_bytes", lambda: 5 * 2**30)
+    cfg = RecipeSearchConfig(max_parallel=4)
+    logged = []
+    # 135M parameters: an export needs ~1.5 GiB -> 3 fit in 5 GiB
+    assert recipes.parallel_limit(cfg, 135_000_000, log=logged.append) == 3
+    assert "3 candidate(s) at a time, not 4" in logged[0]
+    assert recipes.parallel_limit(RecipeSearchConfig(max_parallel=1), 10**12) == 1
+
+
+def test_no_candidate_within_the_gate_lists_them_all():
+    records = [_record("int4_rtn_b32", 80, 0.80), _record("int4_k_quant", 85, 0.84),
+               recipes.candidate_record("fp16", None, None, 0.9, 0.02, error="RuntimeError: boom")]
+    summary = recipes.search_summary(records, "smallest", 0.9, 0.02)
+    assert summary["chosen"] is None
+    message = recipes.failure_message(summary)
+    assert "no candidate holds the quality gate (accuracy >= 0.8800" in message
+    assert "int4_rtn_b32 0.8000; int4_k_quant 0.8400; fp16 failed (RuntimeError: boom)" in message
+
+
+def test_search_config_is_validated_naming_the_field():
+    with pytest.raises(ConfigError, match=r"export.search.candidates.0: Input should be 'int4_rtn_b128'"):
+        build_config({"export": {"recipe": "auto", "search": {"candidates": ["int3"]}}})
+    with pytest.raises(ConfigError, match=r"export.search.candidates: int8 listed twice"):
+        build_config({"export": {"search": {"candidates": ["int8", "int8"]}}})
+    with pytest.raises(ConfigError, match=r"export.search.candidates: List should have at least 1 item"):
+        build_config({"export": {"search": {"candidates": []}}})
+    with pytest.raises(ConfigError, match=r"export.recipe: Input should be 'manual' or 'auto'"):
+        build_config({"export": {"recipe": "search"}})
+    assert PipelineConfig().export.recipe == "manual"
