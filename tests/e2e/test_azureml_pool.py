@@ -115,12 +115,13 @@ async def _work(pool: str, fake: FakeAzureML, flow_run_id: str):
 
     from slmflow.azureml.worker import AzureMLWorker
 
+    default = AzureMLWorker.__dict__["client_factory"]  # the class's own (a staticmethod)
     AzureMLWorker.client_factory = staticmethod(lambda cfg: fake)
     try:
         async with AzureMLWorker(work_pool_name=pool, name="aml-worker-test") as worker:
             await worker.get_and_submit_flow_runs()
     finally:
-        del AzureMLWorker.client_factory  # back to the class's default
+        AzureMLWorker.client_factory = default  # back to the class's default
     async with get_client() as client:
         return await client.read_flow_run(flow_run_id)
 

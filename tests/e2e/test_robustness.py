@@ -188,14 +188,26 @@ def _prefect_config(tiny_model: Path, out: Path, *overrides: str):
                                        "finetune.max_steps=4", "finetune.batch_size=8", *overrides])
 
 
-def _task_runs(flow_run_id) -> dict[str, int]:
-    """Task run name -> run_count (1 + retries taken) for one flow run."""
+def _task_runs(flow_run_id, wait_for: str, timeout: float = 60.0) -> dict[str, int]:
+    """Task run name -> run_count (1 + retries taken) for one flow run.
+
+    Prefect 3 records task runs on the server from the events its client sends in the
+    background, so right after the flow returns (more so on a busy machine) a task run may not
+    be there yet: wait until `wait_for` is, and its last state is final.
+    """
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r.run_count for r in runs}
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        found = {r.name: r for r in runs}
+        done = wait_for in found and found[wait_for].state and found[wait_for].state.is_final()
+        if done or time.monotonic() > deadline:
+            return {name: r.run_count for name, r in found.items()}
+        time.sleep(0.5)
 
 
 def test_transient_failure_is_retried_and_the_run_completes(prefect_api, tiny_model, tmp_path, monkeypatch):
@@ -218,7 +230,7 @@ def test_transient_failure_is_retried_and_the_run_completes(prefect_api, tiny_mo
     assert len(calls) == 2 and calls[1] - calls[0] >= 3  # retried once, after retry_delay 3 s
     report = json.loads(Path(state.result()).read_text())
     assert not report["stages"]["finetune"]["cached"] and report["training"]["steps"] == 4
-    assert _task_runs(state.state_details.flow_run_id)["finetune"] == 2
+    assert _task_runs(state.state_details.flow_run_id, wait_for="finetune")["finetune"] == 2
     kind = Path(config.output_dir) / "cache" / "adapter"
     assert [p.name for p in kind.iterdir() if p.name.startswith(".")] == []  # failed try's temp gone
 
