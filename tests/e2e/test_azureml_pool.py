@@ -6,6 +6,7 @@ Cancelled."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -126,6 +127,20 @@ async def _work(pool: str, fake: FakeAzureML, flow_run_id: str):
         return await client.read_flow_run(flow_run_id)
 
 
+@contextlib.contextmanager
+def _own_events_worker():
+    """Prefect keeps one events worker per process, bound to the API it first talked to; drain
+    it before this test's server stops, so later tests in the session get one bound to theirs
+    (else their task-run events queue behind sends to a dead server and never arrive)."""
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all(timeout=30)
+    try:
+        yield
+    finally:
+        EventsWorker.drain_all(timeout=30)
+
+
 def test_worker_submits_and_reports_failure_and_cancellation(server, monkeypatch):
     from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
 
@@ -136,7 +151,7 @@ def test_worker_submits_and_reports_failure_and_cancellation(server, monkeypatch
     # Logs stay local: the API log handler would flush at exit, after the server has stopped.
     monkeypatch.setenv("PREFECT_LOGGING_TO_API_ENABLED", "false")
     with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"],
-                             PREFECT_LOGGING_TO_API_ENABLED: False}):
+                             PREFECT_LOGGING_TO_API_ENABLED: False}), _own_events_worker():
         # An AzureML job that fails: the run is Crashed, naming the job.
         run_id = asyncio.run(_flow_run("aml-test"))
         failing = FakeAzureML(["Queued", "Running", "Failed"])
