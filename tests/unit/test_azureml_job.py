@@ -136,7 +136,7 @@ def test_job_with_a_registered_environment_or_a_docker_context(monkeypatch, tmp_
 def test_worker_settings_other_than_logging_stay_on_the_worker(monkeypatch):
     cfg, _ = configuration(monkeypatch, worker_env={
         "api": {"url": "https://prefect.example.com/api"},
-        "home": "/home/worker/.prefect",
+        "home": "worker-home/.prefect",  # the worker machine's own
         "server": {"database": {"connection_url": "postgresql+asyncpg://u:pw@db/prefect"}},
         "logging": {"level": "DEBUG"}}, prefect_api_key_secret=None)
     env = cfg.job_env()
