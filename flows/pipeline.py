@@ -129,7 +129,7 @@ def search_export_recipe(
 
         params = describe_model(model_dir(merged))["parameters"]
     parallel = recipes.parallel_limit(search, params, log=print)
-    records = recipes.run_search(search, run_candidate, parallel, log=print)
+    records = recipes.run_search(search, run_candidate, parallel)
     summary = recipes.search_summary(records, search.objective, merged_acc, max_drop)
     pick = summary["chosen"] or max(built, key=lambda n: built[n][1].meta["accuracy"], default=None)
     if pick is None:

@@ -90,7 +90,6 @@ def run_search(
     cfg: RecipeSearchConfig,
     run_candidate: Callable[[str], dict],
     parallel: int,
-    log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Run every candidate (`parallel` at a time), in the order the config lists them."""
     if parallel <= 1:

@@ -59,6 +59,12 @@ def find_model_folder(root: Path) -> Path:
     return candidates[0]
 
 
+def _summary(exc: Exception) -> str:
+    """An SDK error in one line: its type and the first line of its message."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else 'no message'}"
+
+
 def download_registry_model(cfg: Any, target: Path, log: Callable[[str], None] = print,
                             client_factory: ClientFactory | None = None) -> Path:
     """Download the registry model into `target` (a transformers folder)."""
@@ -72,8 +78,7 @@ def download_registry_model(cfg: Any, target: Path, log: Callable[[str], None] =
             client.download_registry_model(model.name, model.version, scratch)
         except Exception as exc:  # noqa: BLE001 - azure-core's error types, auth and network
             raise AzureInputError(
-                f"model.name_or_path: could not download {model.uri} ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else 'no message'}); check the name, "
+                f"model.name_or_path: could not download {model.uri} ({_summary(exc)}); check the name, "
                 "version and your Azure login (az login, or the compute's managed identity)"
             ) from None
         shutil.copytree(find_model_folder(scratch), target)
@@ -103,7 +108,7 @@ def download_datastore_file(spec: str, field: str, store: Path,
         except Exception as exc:  # noqa: BLE001 - azure-core's error types, auth and network
             raise AzureInputError(
                 f"{field}: could not download {spec} from workspace {ws.workspace} "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no message'}); "
+                f"({_summary(exc)}); "
                 "check the datastore, the path and your Azure login"
             ) from None
         name = Path(ds.path).name
