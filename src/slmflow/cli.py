@@ -102,12 +102,17 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         path = run_pipeline(config, run_plain)
     else:
+        from slmflow.prefect_api import ephemeral_api
+
         # The ephemeral Prefect API can take over 20 s to start on a busy 2-core machine.
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry
-        from flows.pipeline import slmflow_pipeline
+        timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+        with ephemeral_api(timeout) as api:  # starts while the pipeline's code is imported
+            from flows.pipeline import slmflow_pipeline
 
-        path = slmflow_pipeline(config)
+            with api():
+                path = slmflow_pipeline(config)
     print(f"report: {path}", flush=True)
     return 0
 
