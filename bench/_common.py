@@ -95,9 +95,6 @@ class PeakRss:
             self._update(self.sample())
             self._stop.wait(self.interval)
 
-    def reset(self) -> None:
-        self.peaks = self.sample()
-
     def __enter__(self) -> Self:
         self.peaks = self.sample()
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -82,9 +82,9 @@ def run_once(out: Path, overrides: list[str], extra: list[str], env: dict | None
         if check:
             sys.exit(f"run failed ({code}):\n{''.join(lines)[-4000:]}")
         print(f"run failed ({code}):\n{''.join(lines)[-2000:]}")
-        return {"exit": code, "wall_seconds": round(wall, 1), "peak_rss_mb": mem.peak_mb,
-                "peak_mb": mem.peaks_mb(), "stages": {}, "accuracy": {},
-                "load_average_before": before, "load_average_after": load_average()}
+        return {"exit": code, "wall_seconds": round(wall, 1), "peak_mb": mem.peaks_mb(),
+                "stages": {}, "accuracy": {}, "load_average_before": before,
+                "load_average_after": load_average()}
     import json
 
     report = json.loads((out / "report.json").read_text())
@@ -102,11 +102,9 @@ def run_once(out: Path, overrides: list[str], extra: list[str], env: dict | None
     reached = accuracy.get("exported", 0) >= TARGET and "evaluate_exported" in ends
     return {
         "wall_seconds": round(wall, 1),
-        "peak_rss_mb": mem.peak_mb,
         "peak_mb": mem.peaks_mb(),  # rss, anon: see PeakRss
         "stages": {k: v["seconds"] for k, v in report["stages"].items()},
         "cached": {k: v["cached"] for k, v in report["stages"].items()},
-        "stage_peak_rss_mb": stage_peak["rss"],
         "stage_peak_mb": stage_peak,
         "accuracy": accuracy,
         "time_to_accuracy_seconds": round(ends["evaluate_exported"] - start, 1) if reached else None,
@@ -127,11 +125,11 @@ def main() -> None:
     extra = ["--no-prefect"] if args.no_prefect else []
     cold = run_once(out, args.overrides, extra)
     cached = run_once(out, args.overrides, extra)
-    rows = [["wall seconds", cold["wall_seconds"], cached["wall_seconds"], None, None]]
+    rows = [["wall seconds", cold["wall_seconds"], cached["wall_seconds"], None, None, None]]
     for stage in cold["stages"]:
         rows.append([f"  {stage}", cold["stages"][stage], cached["stages"][stage],
                      "cached" if cached["cached"][stage] else "RERAN",
-                     cold["stage_peak_rss_mb"].get(stage), cold["stage_peak_mb"]["anon"].get(stage)])
+                     cold["stage_peak_mb"]["rss"].get(stage), cold["stage_peak_mb"]["anon"].get(stage)])
     for kind in PeakRss.KINDS:
         rows.append([f"peak {kind.upper()} MB (tree)", cold["peak_mb"][kind], cached["peak_mb"][kind],
                      None, None, None])

@@ -24,7 +24,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,11 +54,9 @@ def _port_free(port: int) -> bool:
 
 
 def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
+    from slmflow.prefect_api import healthy
+
+    return healthy(f"http://127.0.0.1:{port}/api")
 
 
 def _spawn(name: str, cmd: list[str], env: dict[str, str], state: Path,

@@ -24,6 +24,15 @@ from pathlib import Path
 from typing import Any
 
 
+def healthy(api_url: str) -> bool:
+    """Whether the Prefect API at `api_url` (ending in /api) answers its health check."""
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 class EphemeralApi:
     def __init__(self, timeout: float):
         self.timeout = timeout
@@ -50,28 +59,24 @@ class EphemeralApi:
         )  # fmt: skip
 
     def wait(self) -> None:
-        """Until the API answers; a second try on a new port if the first one was taken."""
+        """Until the API answers; once more on a new port if the server exited (port taken)."""
         deadline = time.monotonic() + self.timeout
-        for attempt in range(2):
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
+        respawned = False
+        while time.monotonic() < deadline:
+            if healthy(self.url):
+                return
+            if self.proc.poll() is not None:
+                if respawned:
                     break
-                try:
-                    with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                        if response.status == 200:
-                            return
-                except OSError:
-                    pass
-                time.sleep(0.1)
-            code = self.proc.poll()
-            if code is None or attempt == 1:
-                break
-            self.spawn()  # it exited (e.g. the port was taken in between): once more
+                respawned = True
+                self.spawn()
+            time.sleep(0.1)
+        code = self.proc.poll()
         self.stop()
+        why = f"exited with {code}" if code is not None else f"did not answer within {self.timeout:.0f} s"
         raise RuntimeError(
-            f"the temporary Prefect API did not start within {self.timeout:.0f} s (exit {code}); "
-            "set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher, or start a server "
-            "(`infra/local/up`) and set PREFECT_API_URL"
+            f"the temporary Prefect API {why}; set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
+            "higher, or start a server (`infra/local/up`) and set PREFECT_API_URL"
         )
 
     @contextmanager
