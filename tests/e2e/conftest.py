@@ -1,8 +1,16 @@
-"""End-to-end fixtures: a temporary Prefect API on 127.0.0.1 for the whole session."""
+"""End-to-end fixtures: a temporary Prefect API on 127.0.0.1, the default SmolLM2 run, a local stack."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +23,46 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def slmflow_run(out: Path, home: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`slmflow run` as a user types it (ephemeral Prefect in `home`); the process and its report."""
+    env = {**os.environ, "PREFECT_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "slmflow.cli", "run", "--set", f"output_dir={out}"]
+    for o in overrides:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=2400,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines()[-1] == f"report: {out / 'report.json'}"
+    return proc, json.loads((out / "report.json").read_text())
+
+
+# The embedded default's own quality gate (0.02, under 3 of its 144 eval rows) is a verdict on
+# this machine's floats: the run reports it, bench/bench_default_run.py prints it. The shared
+# run keeps everything else of the default and lets tests judge with margins no CPU crosses.
+SMOLLM2_GATE = "evaluate.max_accuracy_drop=0.1"
+
+
+class DefaultRun:
+    """One `slmflow run` of the embedded default: its output folder, Prefect home and report."""
+
+    def __init__(self, root: Path) -> None:
+        self.out, self.home = root / "run", root / "prefect"
+        self.report = self.run()[1]
+
+    def run(self, *overrides: str) -> tuple[subprocess.CompletedProcess, dict]:
+        """`slmflow run` again into the same folder (a rerun, or one with `--set` changes)."""
+        return slmflow_run(self.out, self.home, SMOLLM2_GATE, *overrides)
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(tmp_path_factory: pytest.TempPathFactory) -> DefaultRun:
+    """The embedded default (SmolLM2-135M, 100 LoRA steps, int4 k_quant_mixed) run once for the
+    whole session through `slmflow run`: every test that needs a really fine-tuned model shares
+    it (minutes on 2 cores)."""
+    return DefaultRun(tmp_path_factory.mktemp("smollm2"))
 
 
 class LocalStack:

@@ -1,45 +1,36 @@
 """The embedded default on the real SmolLM2-135M-Instruct: accuracy that means something.
 
 This is the README's run command (`slmflow run`), through Prefect's ephemeral API, into a temp
-folder. Minutes on 2 CPU cores.
+folder (the session's shared `smollm2_run`). Minutes on 2 CPU cores.
+
+The thresholds leave a margin no change of CPU crosses: measured here, base 0.00, merged and
+int4 0.903 (130 of 144 eval rows); a CPU with other float rounding trains a slightly different
+adapter and moves these by a row or two, not by the 22 rows between 0.903 and 0.75.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
+LEARNED = 0.75  # fine-tuned accuracy at least this (measured 0.903); the base model answers prose
+MAX_INT4_DROP = 0.10  # int4 vs merged, 14 rows (measured 0.0)
 
 
-def _slmflow_run(out: Path, home: Path) -> tuple[subprocess.CompletedProcess, dict]:
-    env = {**os.environ, "PREFECT_HOME": str(home)}
-    env.pop("PREFECT_API_URL", None)
-    proc = subprocess.run([sys.executable, "-m", "slmflow.cli", "run", "--set", f"output_dir={out}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1500, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.strip().splitlines()[-1] == f"report: {out / 'report.json'}"
-    return proc, json.loads((out / "report.json").read_text())
-
-
-def test_default_run_reaches_accuracy_and_reruns_cached(tmp_path):
-    _, report = _slmflow_run(tmp_path / "run", tmp_path / "prefect")
+def test_default_run_reaches_accuracy_and_reruns_cached(smollm2_run):
+    report = smollm2_run.report
     models = report["models"]
-    assert models["exported"]["accuracy"] >= 0.90, models["exported"]
-    assert models["merged"]["accuracy"] - models["exported"]["accuracy"] <= 0.02
-    assert models["base"]["accuracy"] < models["merged"]["accuracy"]
+    assert models["merged"]["accuracy"] >= LEARNED, models["merged"]
+    assert models["exported"]["accuracy"] >= LEARNED, models["exported"]
+    assert models["merged"]["accuracy"] - models["exported"]["accuracy"] <= MAX_INT4_DROP, models
+    assert models["merged"]["accuracy"] - models["base"]["accuracy"] >= 0.3, models
     assert models["exported"]["n"] == report["data"]["eval"]["rows"] >= 120
+    assert report["config"]["finetune"]["max_steps"] == 100  # the default, not a shortened run
 
     import onnxruntime_genai as og
 
     og.Model(report["exported_model_dir"])  # the int4 folder loads in onnxruntime-genai
 
-    _, again = _slmflow_run(tmp_path / "run", tmp_path / "prefect")
+    _, again = smollm2_run.run()
     assert all(s["cached"] for s in again["stages"].values()), again["stages"]
     assert again["models"] == models

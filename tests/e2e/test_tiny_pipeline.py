@@ -47,10 +47,10 @@ def first_run(prefect_api, tiny_model, tmp_path_factory):
 def test_first_run_writes_a_loadable_int4_model_and_report(first_run):
     config, report, _ = first_run
     assert set(report["stages"]) == set(STAGES) and not any(_cached(report).values())
+    # Held-out accuracy of a random-init model that learned 48 rows is near chance (0.2-0.4 on
+    # these 15 rows, by CPU and data): only its range is checked here; what it learned, below.
     for key in ("base", "merged", "exported"):
         assert 0.0 <= report["models"][key]["accuracy"] <= 1.0
-    # Fine-tuning teaches the random-init model the task; the base model knows nothing.
-    assert report["models"]["merged"]["accuracy"] > report["models"]["base"]["accuracy"] + 0.2
     exported = Path(report["exported_model_dir"])
     assert exported == Path(config.output_dir) / "model"
     assert (exported / "model.onnx").is_file() and (exported / "genai_config.json").is_file()
@@ -79,10 +79,16 @@ def test_fine_tuned_model_learned_the_training_rows(first_run):
     config, report, _ = first_run
     merged = read_verified(Path(report["stages"]["merge"]["uri"]))
     data = read_verified(Path(report["stages"]["prepare_data"]["uri"]))
+    base = read_verified(Path(report["stages"]["base_model"]["uri"]))
     store = Path(config.output_dir) / "cache"
-    train = evaluate_model(config.evaluate.model_copy(update={"limit": 64}), store, merged, data,
-                           config.data.labels, split="train", log=lambda m: None)
-    assert train.meta["accuracy"] >= 0.9
+    cfg = config.evaluate.model_copy(update={"limit": 64})
+    trained, untrained = (
+        evaluate_model(cfg, store, model, data, config.data.labels, split="train",
+                       log=lambda m: None).meta["accuracy"]
+        for model in (merged, base))
+    # On the rows it was trained on the model answers (nearly) all (measured 1.0 of 48); the
+    # random-init base cannot beat answering one label everywhere (0.25 on these balanced rows).
+    assert trained >= 0.9 and trained - untrained >= 0.5, (trained, untrained)
 
 
 def test_second_run_is_all_cached(first_run):
@@ -99,6 +105,17 @@ def test_changing_evaluation_reruns_only_evaluation(first_run):
     assert all(cached[s] for s in STAGES[:5]) and not any(cached[s] for s in STAGES[5:])
 
 
+def test_missing_output_folder_is_rebuilt_not_trusted(first_run):
+    config, _, _ = first_run
+    report = _run(config)  # the first run's config: everything is there (an earlier test's
+    # config with another evaluate.limit added only its own evaluations)
+    shutil.rmtree(report["stages"]["export"]["uri"])
+    cached = _cached(_run(config))
+    assert not cached["export"] and cached["finetune"]
+    assert Path(report["stages"]["export"]["uri"], "model.onnx").is_file()
+    assert Path(report["exported_model_dir"], "model.onnx").is_file()
+
+
 def test_new_data_content_at_same_path_reruns_from_data_prep(first_run):
     config, _, data = first_run
     lines = data.read_text().splitlines()
@@ -107,23 +124,15 @@ def test_new_data_content_at_same_path_reruns_from_data_prep(first_run):
     assert cached["base_model"] and not any(cached[s] for s in STAGES[1:])
 
 
-def test_missing_output_folder_is_rebuilt_not_trusted(first_run):
-    config, _, _ = first_run
-    report = _run(config)  # whatever earlier tests changed, everything is built now
-    shutil.rmtree(report["stages"]["export"]["uri"])
-    cached = _cached(_run(config))
-    assert not cached["export"] and cached["finetune"]
-    assert Path(report["stages"]["export"]["uri"], "model.onnx").is_file()
-    assert Path(report["exported_model_dir"], "model.onnx").is_file()
-
-
 def test_cli_trains_on_other_data_without_code_change(tiny_model, tmp_path):
     out = tmp_path / "other"
     env = {**os.environ, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
            "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "slmflow.cli", "run", "--config", "configs/tiny-phi3_lora_cpu.yaml",
+        # plain stages: `slmflow run` through Prefect is the default SmolLM2 test's
+        [sys.executable, "-m", "slmflow.cli", "run", "--no-prefect",
+         "--config", "configs/tiny-phi3_lora_cpu.yaml",
          "--set", f"model.name_or_path={tiny_model}", "--set", "data.train_file=tests/assets/tones_other.jsonl",
          "--set", f"output_dir={out}", "--set", "finetune.max_steps=30"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
