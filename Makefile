@@ -32,13 +32,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src flows tasks tests bench deployments infra
 
 bench: $(STAMP)
-	$(VENV)/bin/python bench/bench_orchestration.py --repeat 2 --out runs/bench
-	$(VENV)/bin/python bench/bench_train_throughput.py --run runs/bench/plain
-	$(VENV)/bin/python bench/bench_inference.py --run runs/bench/plain
+	$(VENV)/bin/python -m bench.orchestration --repeat 2 --out runs/bench
+	$(VENV)/bin/python -m bench.train_throughput --run runs/bench/plain
+	$(VENV)/bin/python -m bench.inference --run runs/bench/plain
 
 # The default run within a 3 GiB memory cgroup (no swap) next to one without: needs root.
 bench-memory: $(STAMP)
-	$(VENV)/bin/python bench/bench_memory_limit.py --limit 3G
+	$(VENV)/bin/python -m bench.memory_limit --limit 3G
 
 clean:
 	rm -rf runs test-output

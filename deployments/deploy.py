@@ -89,7 +89,7 @@ def build_deployment(spec: DeploymentSpec, schedules_active: bool = False) -> An
     schedules = (
         [Cron(spec.cron, timezone=SCHEDULE_TIMEZONE, active=schedules_active)] if spec.cron else []
     )
-    return slmflow_pipeline.to_deployment(
+    deployment = slmflow_pipeline.to_deployment(
         name=spec.name,
         description=spec.description,
         tags=list(spec.tags),
@@ -100,6 +100,13 @@ def build_deployment(spec: DeploymentSpec, schedules_active: bool = False) -> An
         entrypoint_type=EntrypointType.MODULE_PATH,
         enforce_parameter_schema=True,
     )
+    # `slmflow run` hands the flow the inputs it resolved already; a deployment's runs resolve
+    # their own, so the form shows only `config` and `overrides`.
+    schema = deployment._parameter_openapi_schema
+    schema.properties.pop("resolved_inputs", None)
+    for name in ("RunInputs", "Store", "ArtifactRef"):
+        schema.definitions.pop(name, None)
+    return deployment
 
 
 def existing_pools() -> set[str]:

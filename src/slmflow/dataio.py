@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from slmflow.artifacts import resolve_path
 from slmflow.config import DataConfig
 from slmflow.errors import DataError
+from slmflow.inputs import resolve_path
 
 Row = dict[str, Any]
 
@@ -44,34 +44,27 @@ def _read_json_array(path: Path, text: str) -> list[tuple[int, Row]]:
     return [(i + 1, r) for i, r in enumerate(data)]  # "line" = item number in an array
 
 
-def read_rows(spec: str, hf_split: str = "train") -> tuple[Path | str, list[tuple[int, Row]]]:
-    """Rows of a dataset file as (line number, row); line is the data row number for CSV/parquet."""
-    if spec.startswith("hf:"):
-        import datasets
+def _read_hf(spec: str, hf_split: str) -> list[tuple[int, Row]]:
+    import datasets
 
-        name = spec[3:]
-        try:
-            ds = datasets.load_dataset(name, split=hf_split)
-        except Exception as exc:  # noqa: BLE001 - offline, unknown name, bad split: its message says
-            raise DataError(f"{spec}: could not load the dataset: {exc}") from None
-        return spec, [(i + 1, dict(r)) for i, r in enumerate(ds)]
     try:
-        path = resolve_path(spec)
-    except FileNotFoundError as exc:
-        raise DataError(str(exc)) from None
-    if not path.exists():
-        raise DataError(f"{path}: data file does not exist: check data.train_file / data.eval_file")
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder; name a .jsonl, .json, .csv or .parquet file")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        ds = datasets.load_dataset(spec[3:], split=hf_split)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown name, bad split: its message says
+        raise DataError(f"{spec}: could not load the dataset: {exc}") from None
+    return [(i + 1, dict(r)) for i, r in enumerate(ds)]
 
-        try:
-            table = pq.read_table(path)
-        except Exception as exc:  # noqa: BLE001 - any read failure means "not parquet"
-            raise DataError(f"{path}: not a readable parquet file: {exc}") from None
-        return path, [(i + 1, r) for i, r in enumerate(table.to_pylist())]
+
+def _read_parquet(path: Path) -> list[tuple[int, Row]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - any read failure means "not parquet"
+        raise DataError(f"{path}: not a readable parquet file: {exc}") from None
+    return [(i + 1, r) for i, r in enumerate(table.to_pylist())]
+
+
+def _read_text(path: Path) -> str:
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -86,14 +79,33 @@ def read_rows(spec: str, hf_split: str = "train") -> tuple[Path | str, list[tupl
             f"{path}: the data file is empty; write the rows (one JSON object a line) or point "
             "data.train_file / data.eval_file at another file"
         )
+    return text
+
+
+def read_rows(spec: str, hf_split: str = "train") -> tuple[Path | str, list[tuple[int, Row]]]:
+    """Rows of a dataset file as (line number, row); line is the data row number for CSV/parquet."""
+    if spec.startswith("hf:"):
+        return spec, _read_hf(spec, hf_split)
+    try:
+        path = resolve_path(spec)
+    except FileNotFoundError as exc:
+        raise DataError(str(exc)) from None
+    if not path.exists():
+        raise DataError(f"{path}: data file does not exist: check data.train_file / data.eval_file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; name a .jsonl, .json, .csv or .parquet file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return path, _read_parquet(path)
+    if suffix not in (".csv", ".jsonl", ".json"):
+        raise DataError(f"{path}: unsupported data format {suffix!r}; use .jsonl, .json, .csv or .parquet")
+    text = _read_text(path)
     if suffix == ".csv":
         reader = csv.DictReader(text.splitlines())
         return path, [(i + 2, dict(r)) for i, r in enumerate(reader)]  # line 1 is the header
-    if suffix in (".jsonl", ".json"):
-        if suffix == ".json" and text.lstrip().startswith("["):
-            return path, _read_json_array(path, text)
-        return path, _read_jsonl(path, text)
-    raise DataError(f"{path}: unsupported data format {suffix!r}; use .jsonl, .json, .csv or .parquet")
+    if suffix == ".json" and text.lstrip().startswith("["):
+        return path, _read_json_array(path, text)
+    return path, _read_jsonl(path, text)
 
 
 def load_examples(spec: str, cfg: DataConfig) -> list[Row]:

@@ -1,7 +1,8 @@
-"""Check a whole run before any heavy work: files, data, model source, output folder.
+"""Check a whole run before any heavy work, and resolve its inputs once.
 
-Loads no model (the base model's modules are read from safetensors or GGUF headers). Every problem
-is a ConfigError/DataError with the key, file and line, and the fix.
+Files, data rows, the model source and its modules, the output folder, memory for merge and
+export. Loads no model (the base model's modules are read from safetensors or GGUF headers).
+Every problem is a ConfigError/DataError with the key, file and line, and the fix.
 """
 
 from __future__ import annotations
@@ -11,35 +12,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from slmflow.artifacts import ArtifactRef, resolve_path, source_ref, stable_hash
+from slmflow.artifacts import ArtifactRef, stable_hash
 from slmflow.config import BaseModelConfig, PipelineConfig
 from slmflow.dataio import load_examples
 from slmflow.errors import ConfigError, DataError
-
-
-def data_source_ref(spec: str, field: str, store: Path | None = None) -> ArtifactRef:
-    """A content reference to a data file (or a `datasets` name, keyed by name).
-
-    An AzureML datastore file (azureml://datastores/...) is downloaded into STORE/azureml-inputs
-    first and keyed by its content.
-    """
-    if spec.startswith("azureml:"):
-        from slmflow.azureml.inputs import download_datastore_file
-
-        if store is None:
-            raise ConfigError(f"{field}: {spec} needs a stage store to download into")
-        path = download_datastore_file(spec, field, store)
-        return source_ref("data_source", str(path))
-    if spec.startswith("hf:"):
-        digest = stable_hash({"dataset": spec})
-        return ArtifactRef(kind="data_source", uri=spec, sha256=digest, key=digest[:24])
-    try:
-        path = resolve_path(spec)
-    except FileNotFoundError as exc:
-        raise DataError(f"{field}: {exc}") from None
-    if not path.is_file():
-        raise DataError(f"{field}: {path} does not exist or is not a file; check the path")
-    return source_ref("data_source", spec)
+from slmflow.inputs import RunInputs, data_source, model_source, model_source_path
+from slmflow.store import Store
 
 
 def check_output_dir(config: PipelineConfig) -> Path:
@@ -60,7 +38,7 @@ def check_output_dir(config: PipelineConfig) -> Path:
 
 def describe_local_model(folder: Path) -> dict[str, Any]:
     """describe_model of a local transformers folder, with its read errors as ConfigErrors."""
-    from slmflow.stages.base_model import describe_model
+    from slmflow.folders import describe_model
 
     if not any(folder.glob("*.safetensors")):
         found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
@@ -86,7 +64,7 @@ def describe_local_model(folder: Path) -> dict[str, Any]:
 
 def describe_gguf_model(path: Path) -> dict[str, Any]:
     """describe_gguf of a .gguf file, with a file that is no GGUF as a ConfigError."""
-    from slmflow.stages.base_model import describe_gguf
+    from slmflow.gguf_model import describe_gguf
 
     try:
         return describe_gguf(path)
@@ -101,16 +79,16 @@ _UNREACHABLE = {"ConnectError", "ConnectTimeout", "TimeoutException", "NetworkEr
                 "ConnectionError", "Timeout", "ReadTimeout"}
 
 
-def check_hub_model(cfg: BaseModelConfig, source: ArtifactRef, store: Path) -> None:
+def check_hub_model(cfg: BaseModelConfig, source: ArtifactRef, store: Store) -> None:
     """A hub id that is no local folder must be in the stage store, the Hugging Face cache or on the hub.
 
     Without this a mistyped local path ("models/phi-3-mini" run from another folder) reads as a
     hub id, and the base-model stage retries the download for minutes before failing.
     """
-    from slmflow.artifacts import MANIFEST, stage_dir
-    from slmflow.stages.base_model import KIND, base_model_key
+    from slmflow.artifacts import MANIFEST
+    from slmflow.stages.base_model import STAGE
 
-    if (stage_dir(store, KIND, base_model_key(cfg, store, source)) / MANIFEST).is_file():
+    if (store.folder(STAGE.kind, STAGE.key(cfg, store, source=source)) / MANIFEST).is_file():
         return  # downloaded by an earlier run (the stage verifies its content)
     from huggingface_hub import constants, model_info, try_to_load_from_cache
     from huggingface_hub.errors import (
@@ -164,15 +142,13 @@ def base_model_facts(cfg: BaseModelConfig) -> dict[str, Any] | None:
 
     None for a hub id (nothing local to read before the download).
     """
-    from slmflow.stages.base_model import model_source_path
-
     path = model_source_path(cfg)
     if path is None:
         return None
     return describe_gguf_model(path) if cfg.source == "gguf" else describe_local_model(path)
 
 
-def check_memory_for_merge_and_export(config: PipelineConfig, params: int) -> None:
+def check_memory_for_merge_and_export(config: PipelineConfig, params: int, store: Store) -> None:
     """Stop before fine-tuning when this machine could not merge or export the model afterwards.
 
     Memory only: the stages check memory again, and disk, when they start (the run fills the disk
@@ -181,52 +157,56 @@ def check_memory_for_merge_and_export(config: PipelineConfig, params: int) -> No
     from slmflow.resources import check_resources, estimate_export, estimate_merge
 
     need = max(estimate_merge(params)[0], estimate_export(params, config.export.precision)[0])
-    check_resources("merge and export (checked before fine-tuning)", need, 0, store_dir(config))
+    check_resources("merge and export (checked before fine-tuning)", need, 0, store.root)
 
 
-def store_dir(config: PipelineConfig) -> Path:
-    """Where content-keyed stage outputs live."""
-    return Path(config.cache_dir or Path(config.output_dir) / "cache").expanduser().resolve()
+def store_for(config: PipelineConfig) -> Store:
+    """Where the run's content-keyed stage outputs live (and the remote they mirror)."""
+    local = config.cache_dir or Path(config.output_dir) / "cache"
+    return Store.at(local, config.cache_remote)
 
 
-def validate_run(config: PipelineConfig) -> dict[str, Any]:
-    """Check everything a run needs; return the source refs and a short summary."""
-    from slmflow.stages.base_model import model_source_ref
+def fingerprint(config: PipelineConfig) -> str:
+    """What a run's resolved inputs depend on: model, data, where outputs go."""
+    return stable_hash({k: config.model_dump(mode="json")[k] for k in (
+        "model", "data", "output_dir", "cache_dir", "cache_remote")})
+
+
+def check_rows_per_label(config: PipelineConfig, where: str, rows: list[dict[str, Any]]) -> None:
+    """Without an eval file, every label needs 2 rows: one to train on, one held out."""
+    column = config.data.label_column
+    missing = [label for label in config.data.labels
+               if sum(r[column] == label for r in rows) < 2]
+    if missing:
+        raise DataError(
+            f"{where}: labels {missing} have fewer than 2 rows, so a train/eval split "
+            "cannot hold each out; add rows or give data.eval_file"
+        )
+
+
+def validate_run(config: PipelineConfig) -> RunInputs:
+    """Check everything a run needs and resolve its inputs (call once per run)."""
     from slmflow.stages.finetune import check_target_modules
 
-    check_output_dir(config)
-    from slmflow.artifacts import register_remote
-
-    register_remote(store_dir(config), config.cache_remote)  # before any stage key is computed
+    output_dir = check_output_dir(config)
+    store = store_for(config)
     facts = base_model_facts(config.model)  # headers only: seconds, also for a large model
     if facts is not None:
         check_target_modules(config.finetune, ArtifactRef(
             kind="model_source", uri=config.model.name_or_path, sha256="", key="", meta=facts))
-        check_memory_for_merge_and_export(config, facts["parameters"])
-    store = store_dir(config)
-    train_src = data_source_ref(config.data.train_file, "data.train_file", store)
-    eval_src = (data_source_ref(config.data.eval_file, "data.eval_file", store)
+        check_memory_for_merge_and_export(config, facts["parameters"], store)
+    train_src = data_source(config.data.train_file, "data.train_file", store)
+    eval_src = (data_source(config.data.eval_file, "data.eval_file", store)
                 if config.data.eval_file else None)
     train_rows = load_examples(train_src.uri, config.data)
     eval_rows = load_examples(eval_src.uri, config.data) if eval_src else None
-    if eval_rows is None and min(
-        sum(r[config.data.label_column] == label for r in train_rows) for label in config.data.labels
-    ) < 2:
-        missing = [
-            label for label in config.data.labels
-            if sum(r[config.data.label_column] == label for r in train_rows) < 2
-        ]
-        raise DataError(
-            f"{train_src.uri}: labels {missing} have fewer than 2 rows, so a train/eval split "
-            "cannot hold each out; add rows or give data.eval_file"
-        )
-    model_src = model_source_ref(config.model)  # last: hashing a large local model takes a while
+    if eval_rows is None:
+        check_rows_per_label(config, train_src.uri, train_rows)
+    model_src = model_source(config.model)  # last: hashing a large local model takes a while
     if model_src.uri.startswith("hf://"):
-        check_hub_model(config.model, model_src, store_dir(config))
-    return {
-        "model_source": model_src,
-        "train_source": train_src,
-        "eval_source": eval_src,
-        "train_rows": len(train_rows),
-        "eval_rows": len(eval_rows) if eval_rows is not None else None,
-    }
+        check_hub_model(config.model, model_src, store)
+    return RunInputs(
+        fingerprint=fingerprint(config), store=store, output_dir=str(output_dir),
+        model_source=model_src, train_source=train_src, eval_source=eval_src, model_facts=facts,
+        train_rows=len(train_rows), eval_rows=len(eval_rows) if eval_rows is not None else None,
+    )

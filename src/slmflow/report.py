@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from slmflow.artifacts import write_atomic
+from slmflow.recipes import gate_passed, recipe_table, search_svg
 
 MODEL_ROWS = (("base", "Base"), ("merged", "Merged (PyTorch fp32)"), ("exported", "Exported (ONNX)"))
 
@@ -123,8 +124,6 @@ def _search_section(search: dict[str, Any] | None, inline: bool) -> list[str]:
     """The recipe search: why this export recipe (only for export.recipe: auto)."""
     if not search:
         return []
-    from slmflow.recipes import recipe_table, search_svg
-
     default = search.get("builder_default")
     why = (f"Candidates must reach accuracy {search['min_accuracy']:.4f} (merged "
            f"{search['merged_accuracy']:.4f} minus evaluate.max_accuracy_drop); chosen: "
@@ -187,7 +186,7 @@ def build_report(
             "exported_accuracy": exported_acc,
             "drop": round(drop, 6),
             "max_accuracy_drop": config.evaluate.max_accuracy_drop,
-            "passed": drop <= config.evaluate.max_accuracy_drop + 1e-9,
+            "passed": gate_passed(merged_acc, exported_acc, config.evaluate.max_accuracy_drop),
         },
         "data": data.meta,
         "training": {**adapter.meta, "loss_curve": json.loads(loss_file.read_text())},
@@ -209,8 +208,6 @@ def write_report(report: dict[str, Any], out_dir: Path) -> Path:
         write_atomic(out_dir / "confusion_exported.svg",
                      confusion_svg(exported["confusion"], "exported model: true label vs answer"))
     if report.get("export_search"):
-        from slmflow.recipes import search_svg
-
         write_atomic(out_dir / "recipe_search.svg", search_svg(report["export_search"]))
     write_atomic(out_dir / "report.md", render_markdown(report))
     path = out_dir / "report.json"

@@ -9,18 +9,18 @@ import os
 
 
 def get_secret(env_var: str, block: str | None = None) -> str | None:
-    """The secret from `$env_var`, else from the Azure Key Vault secret that
-    `$SLMFLOW_SECRET_<env_var>` names (keyvault://VAULT/NAME), else from the Prefect Secret block
-    `block`, else None."""
+    """The secret from `$env_var`, else from the secret store that `$SLMFLOW_SECRET_<env_var>`
+    names (keyvault://VAULT/NAME: Azure Key Vault, through the plugged-in `keyvault` scheme),
+    else from the Prefect Secret block `block`, else None."""
     value = os.environ.get(env_var)
     if value:
         return value
-    ref = os.environ.get(f"SLMFLOW_SECRET_{env_var}")
+    field = f"SLMFLOW_SECRET_{env_var}"
+    ref = os.environ.get(field)
     if ref:
-        from slmflow.azureml import launch
-        from slmflow.azureml.uris import parse_keyvault
+        from slmflow.inputs import scheme
 
-        return launch.keyvault_fetch(parse_keyvault(ref, f"SLMFLOW_SECRET_{env_var}"))
+        return scheme(ref.partition("://")[0], field).secret(ref, field)
     if block is None or not _prefect_api_url():
         return None  # no server configured: don't start one just to look a secret up
     try:

@@ -86,18 +86,19 @@ def _complete_checkpoints(adapter_kind: Path) -> list[int]:
 
 def _reference_adapter(config) -> Path:
     """The same fine-tune, uninterrupted, in this process (plain stage functions)."""
-    from slmflow.preflight import store_dir, validate_run
-    from slmflow.stages.base_model import materialize_base_model
-    from slmflow.stages.finetune import finetune
-    from slmflow.stages.prepare_data import prepare_data
+    from slmflow.preflight import validate_run
+    from slmflow.stage import run_stage
+    from slmflow.stages import STAGES
 
     quiet = lambda m: None
     src = validate_run(config)
-    store = store_dir(config)
-    base = materialize_base_model(config.model, store, src["model_source"], log=quiet)
-    data = prepare_data(config.data, store, base, src["train_source"], src["eval_source"],
-                        config.finetune.loss_on, log=quiet)
-    return finetune(config.finetune, store, base, data, log=quiet).path
+    base = run_stage(STAGES["base_model"], config.model, src.store, log=quiet,
+                     source=src.model_source)
+    data = run_stage(STAGES["prepare_data"], config.data, src.store, log=quiet, base=base,
+                     train_source=src.train_source, eval_source=src.eval_source,
+                     loss_on=config.finetune.loss_on)
+    return run_stage(STAGES["finetune"], config.finetune, src.store, log=quiet, base=base,
+                     data=data).path
 
 
 def _max_diff(a: Path, b: Path) -> float:

@@ -74,17 +74,18 @@ def test_first_run_writes_a_loadable_int4_model_and_report(first_run):
 
 def test_fine_tuned_model_learned_the_training_rows(first_run):
     from slmflow.artifacts import read_verified
-    from slmflow.stages.evaluate import evaluate_model
+    from slmflow.preflight import store_for
+    from slmflow.stage import run_stage
+    from slmflow.stages.evaluate import STAGE
 
     config, report, _ = first_run
     merged = read_verified(Path(report["stages"]["merge"]["uri"]))
     data = read_verified(Path(report["stages"]["prepare_data"]["uri"]))
     base = read_verified(Path(report["stages"]["base_model"]["uri"]))
-    store = Path(config.output_dir) / "cache"
     cfg = config.evaluate.model_copy(update={"limit": 64})
     trained, untrained = (
-        evaluate_model(cfg, store, model, data, config.data.labels, split="train",
-                       log=lambda m: None).meta["accuracy"]
+        run_stage(STAGE, cfg, store_for(config), model=model, data=data, labels=config.data.labels,
+                  split="train", log=lambda m: None).meta["accuracy"]
         for model in (merged, base))
     # On the rows it was trained on the model answers (nearly) all (measured 1.0 of 48); the
     # random-init base cannot beat answering one label everywhere (0.25 on these balanced rows).

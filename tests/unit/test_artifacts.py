@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from slmflow.artifacts import (
-    MANIFEST,
-    ArtifactRef,
-    hash_path,
-    read_verified,
-    run_stage,
-    source_ref,
-    stage_key,
-)
+from slmflow.artifacts import MANIFEST, ArtifactRef, content_ref, hash_path, read_verified
 from slmflow.config import DataConfig, FinetuneConfig
+from slmflow.stage import stage_key
+from slmflow.store import Store
 
 
 def _ref(sha: str) -> ArtifactRef:
@@ -23,19 +17,43 @@ def _ref(sha: str) -> ArtifactRef:
 def test_new_content_same_path_gives_new_key(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"phrase": "a", "tone": "Sad"}\n')
-    k1 = stage_key("dataset", 1, DataConfig(), [source_ref("data_source", str(data))], tmp_path)
-    k2 = stage_key("dataset", 1, DataConfig(), [source_ref("data_source", str(data))], tmp_path)
+    k1 = stage_key("dataset", 1, DataConfig(), [content_ref("data_source", data)], Store.at(tmp_path))
+    k2 = stage_key("dataset", 1, DataConfig(), [content_ref("data_source", data)], Store.at(tmp_path))
     data.write_text('{"phrase": "b", "tone": "Sad"}\n')
-    k3 = stage_key("dataset", 1, DataConfig(), [source_ref("data_source", str(data))], tmp_path)
+    k3 = stage_key("dataset", 1, DataConfig(), [content_ref("data_source", data)], Store.at(tmp_path))
     assert k1 == k2 != k3
 
 
 def test_key_depends_on_config_version_parents_and_store(tmp_path):
-    base = stage_key("adapter", 1, FinetuneConfig(), [_ref("a" * 64)], tmp_path)
-    assert base != stage_key("adapter", 1, FinetuneConfig(r=8), [_ref("a" * 64)], tmp_path)
-    assert base != stage_key("adapter", 2, FinetuneConfig(), [_ref("a" * 64)], tmp_path)
-    assert base != stage_key("adapter", 1, FinetuneConfig(), [_ref("b" * 64)], tmp_path)
-    assert base != stage_key("adapter", 1, FinetuneConfig(), [_ref("a" * 64)], tmp_path / "other")
+    store = Store.at(tmp_path)
+    base = stage_key("adapter", 1, FinetuneConfig(), [_ref("a" * 64)], store)
+    assert base != stage_key("adapter", 1, FinetuneConfig(r=8), [_ref("a" * 64)], store)
+    assert base != stage_key("adapter", 2, FinetuneConfig(), [_ref("a" * 64)], store)
+    assert base != stage_key("adapter", 1, FinetuneConfig(), [_ref("b" * 64)], store)
+    assert base != stage_key("adapter", 1, FinetuneConfig(), [_ref("a" * 64)], Store.at(tmp_path / "other"))
+
+
+def test_key_is_the_same_as_before_the_store_became_a_value(tmp_path):
+    """Cache keys of earlier runs stay valid: the key of a stage is what it was when the store
+    was a path (and a remote was registered in a module global)."""
+    import hashlib
+    import json
+
+    def old_key(stage, version, config, parents, store, remote=None):  # b011635's stage_key
+        cfg = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
+        blob = json.dumps({"stage": stage, "version": version, "config": cfg,
+                           "parents": [p.sha256 for p in parents],
+                           "store": remote or str(store.resolve())},
+                          sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    nested = {"data": DataConfig(), "loss_on": "answer"}  # a config slice holding a model
+    for config in (FinetuneConfig(), nested):
+        assert stage_key("x", 2, config, [_ref("a" * 64)], Store.at(tmp_path)) == old_key(
+            "x", 2, config, [_ref("a" * 64)], tmp_path)
+        remote = Store.at(tmp_path, "az://container/prefix/")
+        assert stage_key("x", 2, config, [], remote) == old_key(
+            "x", 2, config, [], tmp_path, "az://container/prefix")
 
 
 def test_folder_hash_covers_names_and_bytes(tmp_path):
@@ -60,8 +78,8 @@ def _writer(calls: list):
 
 def test_run_stage_builds_once_then_reuses(tmp_path):
     calls: list = []
-    first = run_stage("thing", "k1", tmp_path, [], _writer(calls))
-    second = run_stage("thing", "k1", tmp_path, [], _writer(calls))
+    first = Store.at(tmp_path).build("thing", "k1", [], _writer(calls))
+    second = Store.at(tmp_path).build("thing", "k1", [], _writer(calls))
     assert len(calls) == 1 and not first.cached and second.cached
     assert first.sha256 == second.sha256 and (first.path / MANIFEST).is_file()
     assert not [p for p in (tmp_path / "thing").iterdir() if p.name.startswith(".")]
@@ -69,15 +87,15 @@ def test_run_stage_builds_once_then_reuses(tmp_path):
 
 def test_changed_or_missing_output_is_rebuilt(tmp_path):
     calls: list = []
-    ref = run_stage("thing", "k1", tmp_path, [], _writer(calls))
+    ref = Store.at(tmp_path).build("thing", "k1", [], _writer(calls))
     (ref.path / "weights.bin").write_bytes(b"tampered")
     assert read_verified(ref.path) is None
-    again = run_stage("thing", "k1", tmp_path, [], _writer(calls))
+    again = Store.at(tmp_path).build("thing", "k1", [], _writer(calls))
     assert len(calls) == 2 and not again.cached and (again.path / "weights.bin").read_bytes() == b"w" * 10
     import shutil
 
     shutil.rmtree(ref.path)
-    run_stage("thing", "k1", tmp_path, [], _writer(calls))
+    Store.at(tmp_path).build("thing", "k1", [], _writer(calls))
     assert len(calls) == 3
 
 
@@ -87,6 +105,6 @@ def test_failed_build_leaves_nothing_that_counts_as_done(tmp_path):
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError, match="killed"):
-        run_stage("thing", "k1", tmp_path, [], broken)
+        Store.at(tmp_path).build("thing", "k1", [], broken)
     assert not (tmp_path / "thing" / "k1").exists()
     assert not [p for p in (tmp_path / "thing").iterdir() if p.name.startswith(".tmp")]

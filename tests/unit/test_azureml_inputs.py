@@ -30,13 +30,16 @@ def test_azure_references_are_checked_for_shape_without_network(config, message)
 
 def test_registry_model_is_keyed_by_its_uri_and_downloaded_by_the_stage(tmp_path, monkeypatch):
     from slmflow.azureml import inputs
-    from slmflow.stages.base_model import materialize_base_model, model_source_ref
+    from slmflow.inputs import model_source
+    from slmflow.stage import run_stage
+    from slmflow.stages.base_model import STAGE
+    from slmflow.store import Store
 
     cfg = PipelineConfig.model_validate({"model": {
         "source": "azureml_registry", "name_or_path": "azureml://registries/azureml-msr/models/phi/versions/11"}}).model
     old = PipelineConfig.model_validate({"model": {
         "source": "azureml_registry", "name_or_path": "phi", "registry_name": "azureml-msr", "version": "11"}}).model
-    assert model_source_ref(cfg).sha256 == model_source_ref(old).sha256  # the same model
+    assert model_source(cfg).sha256 == model_source(old).sha256  # the same model
     calls = []
 
     class FakeRegistry:
@@ -51,9 +54,10 @@ def test_registry_model_is_keyed_by_its_uri_and_downloaded_by_the_stage(tmp_path
             (folder / "model.safetensors").write_bytes(b"x")
 
     monkeypatch.setattr(inputs, "_client", lambda factory, **kw: FakeRegistry(**kw))
-    monkeypatch.setattr("slmflow.stages.base_model.describe_model", lambda folder: {"files": sorted(
+    monkeypatch.setattr("slmflow.folders.describe_model", lambda folder: {"files": sorted(
         p.name for p in folder.iterdir())})
-    ref = materialize_base_model(cfg, tmp_path / "store", model_source_ref(cfg), log=lambda m: None)
+    ref = run_stage(STAGE, cfg, Store.at(tmp_path / "store"), source=model_source(cfg),
+                    log=lambda m: None)
     assert calls == ["azureml-msr", ("phi", "11")]
     assert ref.meta["files"] == ["config.json", "model.safetensors"]
     assert (ref.path / "model" / "config.json").is_file()
@@ -78,7 +82,8 @@ def test_registry_download_errors_name_the_model_and_the_fix(tmp_path, monkeypat
 
 def test_datastore_file_is_downloaded_and_keyed_by_content(tmp_path, monkeypatch):
     from slmflow.azureml import inputs
-    from slmflow.preflight import data_source_ref
+    from slmflow.inputs import data_source
+    from slmflow.store import Store
 
     content = {"v": '{"phrase": "hi", "tone": "Joy"}\n'}
     seen = []
@@ -93,10 +98,10 @@ def test_datastore_file_is_downloaded_and_keyed_by_content(tmp_path, monkeypatch
     monkeypatch.setattr(inputs, "_client", lambda factory, **kw: FakeDatastore(**kw))
     spec = ("azureml://subscriptions/s1/resourcegroups/rg1/workspaces/ws1/datastores/"
             "workspaceblobstore/paths/data/tones.jsonl")
-    first = data_source_ref(spec, "data.train_file", tmp_path)
+    first = data_source(spec, "data.train_file", Store.at(tmp_path))
     assert Path(first.uri).read_text() == content["v"] and seen[0].workspace == "ws1"
     content["v"] = '{"phrase": "oh no", "tone": "Fear"}\n'
-    assert data_source_ref(spec, "data.train_file", tmp_path).sha256 != first.sha256
+    assert data_source(spec, "data.train_file", Store.at(tmp_path)).sha256 != first.sha256
 
 
 def test_short_datastore_uri_needs_the_workspace(tmp_path, monkeypatch):
@@ -122,37 +127,33 @@ def _build(counter: list):
 
 
 def test_two_working_directories_share_stage_outputs_through_the_remote(tmp_path):
-    from slmflow.artifacts import register_remote, run_stage, stage_key
+    from slmflow.stage import stage_key
+    from slmflow.store import Store
 
     remote = f"file://{tmp_path / 'remote'}"
     a, b = tmp_path / "wd-a" / "cache", tmp_path / "wd-b" / "cache"
-    assert stage_key("s", 1, {"x": 1}, [], a) != stage_key("s", 1, {"x": 1}, [], b)  # local: by path
-    register_remote(a, remote)
-    register_remote(b, remote)
-    try:
-        key_a, key_b = stage_key("s", 1, {"x": 1}, [], a), stage_key("s", 1, {"x": 1}, [], b)
-        assert key_a == key_b  # with a shared remote: the same key
-        built: list = []
-        first = run_stage("adapter", key_a, a, [], _build(built), log=lambda m: None)
-        assert not first.cached and built == [1]
-        assert (tmp_path / "remote" / "adapter" / key_a / "slmflow-artifact.json").is_file()
-        logs: list[str] = []
-        second = run_stage("adapter", key_b, b, [], _build(built), log=logs.append)
-        assert second.cached and built == [1] and second.sha256 == first.sha256
-        assert second.path == (b / "adapter" / key_b).resolve() and (second.path / "sub" / "meta.json").is_file()
-        assert any("reused from file://" in m for m in logs)
+    assert stage_key("s", 1, {"x": 1}, [], Store.at(a)) != stage_key(
+        "s", 1, {"x": 1}, [], Store.at(b))  # local: by path
+    a, b = Store.at(a, remote), Store.at(b, remote)
+    key_a, key_b = stage_key("s", 1, {"x": 1}, [], a), stage_key("s", 1, {"x": 1}, [], b)
+    assert key_a == key_b  # with a shared remote: the same key
+    built: list = []
+    first = a.build("adapter", key_a, [], _build(built), log=lambda m: None)
+    assert not first.cached and built == [1]
+    assert (tmp_path / "remote" / "adapter" / key_a / "slmflow-artifact.json").is_file()
+    logs: list[str] = []
+    second = b.build("adapter", key_b, [], _build(built), log=logs.append)
+    assert second.cached and built == [1] and second.sha256 == first.sha256
+    assert second.path == b.folder("adapter", key_b) and (second.path / "sub" / "meta.json").is_file()
+    assert any("reused from file://" in m for m in logs)
 
-        # A remote copy that no longer matches its manifest is not trusted: the stage rebuilds.
-        (tmp_path / "remote" / "adapter" / key_a / "weights.bin").write_bytes(b"tampered")
-        c = tmp_path / "wd-c" / "cache"
-        register_remote(c, remote)
-        logs.clear()
-        third = run_stage("adapter", key_a, c, [], _build(built), log=logs.append)
-        assert built == [1, 1] and not third.cached and third.sha256 == first.sha256
-        assert any("does not match its manifest; rebuilding" in m for m in logs)
-    finally:
-        for store in (a, b, tmp_path / "wd-c" / "cache"):
-            register_remote(store, None)
+    # A remote copy that no longer matches its manifest is not trusted: the stage rebuilds.
+    (tmp_path / "remote" / "adapter" / key_a / "weights.bin").write_bytes(b"tampered")
+    c = Store.at(tmp_path / "wd-c" / "cache", remote)
+    logs.clear()
+    third = c.build("adapter", key_a, [], _build(built), log=logs.append)
+    assert built == [1, 1] and not third.cached and third.sha256 == first.sha256
+    assert any("does not match its manifest; rebuilding" in m for m in logs)
 
 
 def test_register_the_exported_model_with_its_content_hash(tmp_path):

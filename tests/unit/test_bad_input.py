@@ -418,8 +418,8 @@ def test_gguf_header_reader_agrees_with_the_gguf_package():
     """slmflow's header walk gives the tensor names and shapes gguf's GGUFReader gives."""
     from gguf import GGUFReader
 
-    from slmflow.artifacts import resolve_path
-    from slmflow.stages.base_model import read_gguf_header
+    from slmflow.gguf_model import read_gguf_header
+    from slmflow.inputs import resolve_path
 
     path = resolve_path(SMOLLM2)
     arch, tensors = read_gguf_header(path)
@@ -429,8 +429,8 @@ def test_gguf_header_reader_agrees_with_the_gguf_package():
 
 
 def test_gguf_truncated_header_is_refused(tmp_path):
-    from slmflow.artifacts import resolve_path
     from slmflow.errors import ConfigError
+    from slmflow.inputs import resolve_path
     from slmflow.preflight import describe_gguf_model
 
     cut = tmp_path / "cut.gguf"
@@ -443,18 +443,19 @@ def test_gguf_truncated_header_is_refused(tmp_path):
 
 def test_a_hub_model_an_earlier_run_downloaded_passes_offline(ws: Workspace, capsys):
     """Offline, a hub id is accepted when the stage store already holds its download."""
-    from slmflow.artifacts import MANIFEST, stage_dir
+    from slmflow.artifacts import MANIFEST
     from slmflow.configio import load_config
-    from slmflow.preflight import store_dir
-    from slmflow.stages.base_model import KIND, base_model_key, model_source_ref
+    from slmflow.inputs import model_source
+    from slmflow.preflight import store_for
+    from slmflow.stages.base_model import STAGE
 
     config = load_config(None, ["model.source=hf", "model.name_or_path=acme/tiny-model",
                                 f"output_dir={ws.out}"])
     assert main(["validate", "--set", "model.source=hf", "--set", "model.name_or_path=acme/tiny-model",
                  "--set", f"output_dir={ws.out}"]) == 2
     assert "'acme/tiny-model' is not a local folder" in capsys.readouterr().err
-    store = store_dir(config)
-    key = base_model_key(config.model, store, model_source_ref(config.model))
-    ws.write(str((stage_dir(store, KIND, key) / MANIFEST).relative_to(ws.root)), "{}")
+    store = store_for(config)
+    key = STAGE.key(config.model, store, source=model_source(config.model))
+    ws.write(str((store.folder(STAGE.kind, key) / MANIFEST).relative_to(ws.root)), "{}")
     assert main(["validate", "--set", "model.source=hf", "--set", "model.name_or_path=acme/tiny-model",
                  "--set", f"output_dir={ws.out}"]) == 0, capsys.readouterr().err

@@ -91,16 +91,22 @@ def test_overrides_apply_on_top_of_the_config_and_are_validated():
         apply_run_overrides(base, ["finetune.r=0"])
 
 
-def test_flow_parameters_render_as_a_described_form():
+def test_flow_parameters_render_as_a_described_form(deploy):
     from prefect.utilities.callables import parameter_schema
 
     from flows.pipeline import slmflow_pipeline
 
     schema = parameter_schema(slmflow_pipeline.fn).model_dump()
-    assert list(schema["properties"]) == ["config", "overrides"]
+    assert list(schema["properties"]) == ["config", "overrides", "resolved_inputs"]
     assert all(p.get("description") for p in schema["properties"].values())
     params = slmflow_pipeline.validate_parameters({})
     assert isinstance(params["config"], PipelineConfig) and params["overrides"] is None
+    assert params["resolved_inputs"] is None
+    # A deployment's form: the config and the overrides only (its runs resolve their inputs).
+    deployment = deploy.build_deployment(deploy.DEPLOYMENTS[0])
+    form = deployment._parameter_openapi_schema.model_dump()
+    assert list(form["properties"]) == ["config", "overrides"]
+    assert not {"RunInputs", "Store", "ArtifactRef"} & set(form["definitions"])
 
 
 def test_show_config_json_round_trips(capsys):

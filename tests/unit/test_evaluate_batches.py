@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from slmflow.stages.evaluate import generate_answers, length_batches
+from slmflow.generate import generate_answers, length_batches
 
 
 def test_length_batches_group_equal_lengths_only():

@@ -11,7 +11,8 @@ from slmflow.artifacts import ArtifactRef
 from slmflow.config import ALL_RECIPES, ExportConfig, PipelineConfig, RecipeSearchConfig
 from slmflow.configio import build_config
 from slmflow.errors import ConfigError
-from slmflow.stages.export import builder_options, onnx_key
+from slmflow.stages.export import STAGE, builder_options
+from slmflow.store import Store
 
 
 def _ref(kind: str, key: str, **meta) -> ArtifactRef:
@@ -32,13 +33,18 @@ def test_every_recipe_name_has_builder_settings():
 
 def test_candidate_shares_the_folder_of_the_same_manual_recipe(tmp_path):
     merged, data = _ref("merged_model", "m"), _ref("dataset", "d")
+    store = Store.at(tmp_path)
+
+    def onnx_key(cfg: ExportConfig) -> str:
+        return STAGE.key(cfg, store, merged=merged, data=data)
+
     manual = ExportConfig()  # int4 k_quant_mixed, the default
     auto = ExportConfig(recipe="auto", search=RecipeSearchConfig(objective="fastest"))
     candidate = recipes.candidate_config(auto, "int4_k_quant_mixed")
-    assert onnx_key(candidate, tmp_path, merged, data) == onnx_key(manual, tmp_path, merged, data)
+    assert onnx_key(candidate) == onnx_key(manual)
     rtn = recipes.candidate_config(auto, "int4_rtn_b64")
     assert builder_options(rtn)["algo_config"] == "rtn" and builder_options(rtn)["block_size"] == "64"
-    assert onnx_key(rtn, tmp_path, merged, data) != onnx_key(manual, tmp_path, merged, data)
+    assert onnx_key(rtn) != onnx_key(manual)
     assert recipes.candidate_config(auto, "fp16").precision == "fp16"
     cuda = recipes.candidate_config(ExportConfig(execution_provider="cuda"), "int8")
     assert cuda.execution_provider == "cuda"

@@ -106,20 +106,25 @@ def _ref(kind: str, uri: Path, **meta) -> ArtifactRef:
 
 
 def test_merge_stops_before_loading_when_memory_is_short(monkeypatch, tmp_path, tiny_model, no_loading):
-    from slmflow.stages.merge import merge_adapter
+    from slmflow.stage import run_stage
+    from slmflow.stages.merge import STAGE
+    from slmflow.store import Store
 
     _machine(monkeypatch, mem=GIB, disk=100 * GIB)
     base = _ref("base_model", tmp_path / "b", external_model_dir=str(tiny_model), parameters=3_000_000_000)
     store = tmp_path / "store"
     with pytest.raises(ResourceError, match=r"^merge: needs about 27\.9 GiB of memory, 1\.0 GiB available"):
-        merge_adapter(MergeConfig(), store, base, _ref("adapter", tmp_path / "a"), _ref("dataset", tmp_path / "d"))
+        run_stage(STAGE, MergeConfig(), Store.at(store), base=base, adapter=_ref("adapter", tmp_path / "a"),
+                  data=_ref("dataset", tmp_path / "d"))
     left = sorted(p.name for p in (store / "merged_model").iterdir())
     assert not [n for n in left if not n.endswith(".lock") and not n.startswith(".work-")], left
 
 
 def test_export_stops_before_the_builder_when_disk_is_short(monkeypatch, tmp_path, tiny_model, no_loading):
-    from slmflow.stages.base_model import describe_model
-    from slmflow.stages.export import export_onnx
+    from slmflow.folders import describe_model
+    from slmflow.stage import run_stage
+    from slmflow.stages.export import STAGE
+    from slmflow.store import Store
 
     params = describe_model(tiny_model)["parameters"]
     _, need_disk = estimate_export(params, "fp32")
@@ -127,7 +132,8 @@ def test_export_stops_before_the_builder_when_disk_is_short(monkeypatch, tmp_pat
     merged = _ref("merged_model", tmp_path / "m", external_model_dir=str(tiny_model))
     with pytest.raises(ResourceError, match=r"^export: needs about \d+ MiB of disk, \d+ MiB free at .*"
                        r"onnx_model/\.tmp-.*; free disk there or set cache_dir .*export\.precision int4"):
-        export_onnx(ExportConfig(precision="fp32"), tmp_path / "store", merged, _ref("dataset", tmp_path / "d"))
+        run_stage(STAGE, ExportConfig(precision="fp32"), Store.at(tmp_path / "store"), merged=merged,
+                  data=_ref("dataset", tmp_path / "d"))
     left = sorted(p.name for p in (tmp_path / "store" / "onnx_model").iterdir())
     assert not [n for n in left if not n.endswith(".lock") and not n.startswith(".work-")], left
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from slmflow.artifacts import read_verified, run_stage
+from slmflow.artifacts import read_verified
 from slmflow.errors import ConfigError, DataError, StageCheckError
 from slmflow.stages.finetune import last_checkpoint
+from slmflow.store import Store
 
 
 def _checkpoint(folder: Path, step: int, state: str | None) -> None:
@@ -41,7 +42,7 @@ def test_run_stage_removes_temp_folders_of_killed_builds(tmp_path):
         (out / "a.txt").write_text("a")
         return {}
 
-    ref = run_stage("kind", "k1", store, [], build, log=lambda m: None)
+    ref = Store.at(store).build("kind", "k1", [], build, log=lambda m: None)
     assert read_verified(ref.path) is not None
     assert sorted(p.name for p in (store / "kind").iterdir()) == [".tmp-k2-deadbeef", "k1", "k1.lock"]
 
@@ -95,12 +96,12 @@ def test_sigkill_during_a_build_leaves_nothing_taken_as_done(tmp_path):
     code = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from slmflow.artifacts import run_stage\n"
+        "from slmflow.store import Store\n"
         "def build(out, work):\n"
         "    (out / 'model.bin').write_bytes(b'half')\n"
         "    (work / 'started').write_text('1')\n"
         "    time.sleep(60)\n"
-        f"run_stage('onnx_model', 'k', Path({str(store)!r}), [], build)\n"
+        f"Store.at({str(store)!r}).build('onnx_model', 'k', [], build)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code])
     try:
@@ -120,6 +121,6 @@ def test_sigkill_during_a_build_leaves_nothing_taken_as_done(tmp_path):
         (out / "model.bin").write_bytes(b"whole")
         return {}
 
-    ref = run_stage("onnx_model", "k", store, [], build, log=lambda m: None)
+    ref = Store.at(store).build("onnx_model", "k", [], build, log=lambda m: None)
     assert not ref.cached and (ref.path / "model.bin").read_bytes() == b"whole"
     assert sorted(p.name for p in kind.iterdir()) == ["k", "k.lock"]

@@ -5,8 +5,10 @@
 - `job`: a flow run plus job variables → an `azure.ai.ml` command job (pure; no network).
 - `client`: the one place that talks to the Azure SDK (tests inject a fake).
 - `launch`: what the job runs: resolves Key Vault secret references, then the Prefect engine.
-- `uris`: `azureml://` references (registry models, datastore paths), parsed without network.
-- `inputs`: downloads a registry model or datastore file into the stage store.
+- `inputs`: downloads a registry model or datastore file into the stage store, and reads Key
+  Vault secrets: the `azureml` and `keyvault` schemes that slmflow's core resolves through the
+  `slmflow.schemes` entry points (the core never imports this package; `slmflow.uris` parses
+  the references' shapes without network).
 
 Importing this package imports no Azure SDK (Prefect loads the worker module in every CLI call).
 """

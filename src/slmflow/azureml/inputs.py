@@ -1,4 +1,6 @@
-"""Inputs from Azure: a base model from an AzureML registry, a data file from a datastore.
+"""Inputs from Azure: a base model from an AzureML registry, a data file from a datastore, and
+Key Vault secrets: the `azureml` and `keyvault` schemes of `slmflow.inputs` (entry points
+`slmflow.schemes` in pyproject.toml; slmflow's core never imports this package).
 
 Both are downloaded (with the ambient Azure identity: the compute's managed identity inside an
 AzureML job, `az login` or AZURE_* variables elsewhere) and then used like local inputs: a data
@@ -14,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from slmflow.artifacts import stable_hash
-from slmflow.azureml.uris import RegistryModel, parse_datastore_path, parse_registry_model
+from slmflow.artifacts import ArtifactRef, named_ref, stable_hash
 from slmflow.errors import ConfigError, SlmflowError
+from slmflow.uris import RegistryModel, parse_datastore_path, parse_keyvault, parse_registry_model
 
 ClientFactory = Callable[..., Any]
 
@@ -121,3 +123,25 @@ def download_datastore_file(spec: str, field: str, store: Path,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder / name
+
+
+class AzureMLScheme:
+    """`azureml://` models and data, `keyvault://` secrets (see `slmflow.inputs.Scheme`)."""
+
+    def model_ref(self, cfg: Any) -> ArtifactRef:
+        uri = registry_model(cfg).uri  # a registry model version never changes: its URI is its key
+        return named_ref("model_source", uri, {"azureml_registry_model": uri})
+
+    def download_model(self, cfg: Any, target: Path, log: Callable[[str], None]) -> None:
+        download_registry_model(cfg, target, log)
+
+    def data_file(self, spec: str, field: str, into: Path) -> Path:
+        return download_datastore_file(spec, field, into)
+
+    def secret(self, ref: str, field: str) -> str:
+        from slmflow.azureml.launch import keyvault_fetch
+
+        return keyvault_fetch(parse_keyvault(ref, field))
+
+
+SCHEME = AzureMLScheme()

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from slmflow.azureml.uris import parse_keyvault
 from slmflow.errors import ConfigError
+from slmflow.uris import parse_keyvault
 
 LAUNCHER = "python -m slmflow.azureml.launch --"
 SECRET_PREFIX = "SLMFLOW_SECRET_"
@@ -199,10 +199,3 @@ def build_command_job(cfg: Any, flow_run_id: Any, *, suffix: str | None = None) 
         tags={k: str(v) for k, v in cfg.labels.items()},
     )
     return node._to_job()
-
-
-def job_yaml(job: Any, path: Path) -> Path:
-    """Write the job as YAML (what `az ml job create --file` and `azure.ai.ml.load_job` read)."""
-    job.dump(str(path))
-    return path
-

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, MutableMapping
 
 from slmflow.azureml.job import SECRET_PREFIX
-from slmflow.azureml.uris import KeyVaultSecret, parse_keyvault
+from slmflow.uris import KeyVaultSecret, parse_keyvault
 
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
              "MASTER_ADDR", "MASTER_PORT")

@@ -1,26 +1,22 @@
 """Stage 6: evaluate a model on the held-out split by what it answers.
 
 Each prompt is continued greedily (PyTorch for the base and merged models, onnxruntime-genai for
-the exported one; the same prompt token ids for both) and the answer is read as the label it
-starts with. Prompts of the same token length are generated together (up to BATCH_SIZE, never
-padded), which gives each row the answer it gets alone. Records accuracy, macro-F1, the confusion
-matrix, latency per example (p50/p95: the time it waited for its batch), examples and generated
-tokens per second, and the model's size on disk; `predictions.jsonl` keeps every answer.
+the exported one; the same prompt token ids for both; `slmflow.generate`) and the answer is read
+as the label it starts with. Records accuracy, macro-F1, the confusion matrix, latency per
+example (p50/p95: the time it waited for its batch), examples and generated tokens per second,
+and the model's size on disk; `predictions.jsonl` keeps every answer.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from slmflow.artifacts import ArtifactRef, dir_size, run_stage, stage_key
+from slmflow.artifacts import ArtifactRef, dir_size
 from slmflow.config import EvaluateConfig
-from slmflow.stages import release_memory
+from slmflow.stage import REQUIRED, Stage, Workspace
 
-VERSION = 2  # 2: equal-length prompts generated in batches; latency is the batch's
 OTHER = "(other)"
 
 
@@ -64,186 +60,59 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[idx]
 
 
-# Prompts of the same token length are generated together: no padding, so each row's answer is
-# the one it gets alone (checked row by row on the default's base, merged and int4 models). On
-# the default's 144 rows, 2 cores: PyTorch 7.1 -> 18.3 examples/s, onnxruntime-genai 17.7 -> 26.3
-# (bench/bench_inference.py); 16 was the fastest of 4, 8, 16, 32.
-BATCH_SIZE = 16
-
-Generator = Callable[[list[list[int]], int], list[list[int]]]
+def key_config(cfg: EvaluateConfig, labels: list[str], split: str, **_: Any) -> dict[str, Any]:
+    """What an evaluation depends on: not the quality gate, which judges it afterwards."""
+    return {"evaluate": cfg.model_dump(mode="json", exclude={"max_accuracy_drop"}),
+            "labels": labels, "split": split}
 
 
-def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
-    for n, t in enumerate(tokens):
-        if t in eos:
-            return tokens[:n]
-    return tokens
-
-
-def length_batches(lengths: list[int], size: int) -> list[list[int]]:
-    """Row indices grouped by exact length (so no batch needs padding), at most `size` a batch."""
-    by_length: dict[int, list[int]] = {}
-    for i, n in enumerate(lengths):
-        by_length.setdefault(n, []).append(i)
-    return [rows[i:i + size] for _, rows in sorted(by_length.items()) for i in range(0, len(rows), size)]
-
-
-def torch_generator(folder: Path, trust_remote_code: bool = False) -> tuple[Generator, Any]:
-    """Greedy continuation of equal-length prompts with a transformers model (fp32, CPU or CUDA)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
-    ).to(device)
-    model.eval()
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-
-    def generate(batch: list[list[int]], max_new: int) -> list[list[int]]:
-        ids = torch.tensor(batch, device=device)
-        with torch.no_grad():
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=pad,
-            )
-        return [_until_eos(row[ids.shape[1]:].tolist(), {eos}) for row in out]
-
-    return generate, tokenizer
-
-
-def onnx_generator(folder: Path) -> tuple[Generator, Any]:
-    """Greedy continuation of equal-length prompts with onnxruntime-genai, and its tokenizer."""
-    import numpy as np
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    eos_cfg = json.loads((folder / "genai_config.json").read_text())["model"]["eos_token_id"]
-    eos = set(eos_cfg if isinstance(eos_cfg, list) else [eos_cfg])
-
-    def generate(batch: list[list[int]], max_new: int) -> list[list[int]]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(
-            do_sample=False, max_length=len(batch[0]) + max_new, batch_size=len(batch)
-        )
-        gen = og.Generator(model, params)
-        gen.append_tokens(np.asarray(batch, dtype=np.int32))
-        new: list[list[int]] = [[] for _ in batch]
-        done = [False] * len(batch)
-        for _ in range(max_new):
-            if gen.is_done() or all(done):
-                break
-            gen.generate_next_token()
-            for i, token in enumerate(gen.get_next_tokens().tolist()):
-                if done[i] or token in eos:
-                    done[i] = True
-                else:
-                    new[i].append(int(token))
-        return new
-
-    return generate, og.Tokenizer(model)
-
-
-def load_generator(model: ArtifactRef, trust_remote_code: bool = False) -> tuple[Generator, Any, Path]:
-    """The generator, an HF tokenizer (the same prompt ids for every backend) and the model folder."""
-    from transformers import AutoTokenizer
-
-    from slmflow.stages.base_model import model_dir
-
-    if model.kind == "onnx_model":
-        generate, _ = onnx_generator(model.path)
-        return generate, AutoTokenizer.from_pretrained(model.path), model.path
-    folder = model_dir(model)
-    generate, tokenizer = torch_generator(folder, trust_remote_code)
-    return generate, tokenizer, folder
-
-
-def generate_answers(
-    generate: Generator, prompts: list[list[int]], max_new: int, batch_size: int = BATCH_SIZE
-) -> tuple[list[list[int]], list[float]]:
-    """The new tokens of every prompt (in order) and the seconds each one waited for its batch."""
-    new: list[list[int]] = [[] for _ in prompts]
-    waited = [0.0] * len(prompts)
-    for batch in length_batches([len(p) for p in prompts], batch_size):
-        start = time.perf_counter()
-        out = generate([prompts[i] for i in batch], max_new)
-        seconds = time.perf_counter() - start
-        for i, tokens in zip(batch, out):
-            new[i], waited[i] = tokens, seconds
-    return new, waited
-
-
-KIND = "evaluation"
-
-
-def evaluation_key(
-    cfg: EvaluateConfig,
-    store: Path,
-    model: ArtifactRef,
-    data: ArtifactRef,
-    labels: list[str],
-    split: str = "eval",
-) -> str:
-    slice_ = {"evaluate": cfg, "labels": labels, "split": split}
-    return stage_key(KIND, VERSION, slice_, [model, data], store)
-
-
-def evaluate_model(
-    cfg: EvaluateConfig,
-    store: Path,
-    model: ArtifactRef,
-    data: ArtifactRef,
-    labels: list[str],
-    split: str = "eval",
-    trust_remote_code: bool = False,
-    log=print,
-) -> ArtifactRef:
+def build(cfg: EvaluateConfig, ws: Workspace, model: ArtifactRef, data: ArtifactRef,
+          labels: list[str], split: str, trust_remote_code: bool) -> dict[str, Any]:
     """Evaluate one model (base_model, merged_model or onnx_model) on a prepared split."""
-    key = evaluation_key(cfg, store, model, data, labels, split)
+    from slmflow.folders import read_split
+    from slmflow.generate import BATCH_SIZE, generate_answers, load_generator
 
-    def build(out: Path, work: Path) -> dict[str, Any]:
-        from slmflow.stages.prepare_data import read_split
+    rows = read_split(data, split)[: cfg.limit]
+    generate, tokenizer, folder = load_generator(model, trust_remote_code)
+    longest = max(len(tokenizer(lab, add_special_tokens=False)["input_ids"]) for lab in labels)
+    max_new = min(cfg.max_new_tokens, longest + 1)
+    prompts = [tokenizer(row["prompt"])["input_ids"] for row in rows]
+    generate([prompts[0]], max_new)  # warm-up, not timed
+    started = time.perf_counter()
+    new, latencies = generate_answers(generate, prompts, max_new)
+    seconds = time.perf_counter() - started
+    gold, pred, n_tokens = [], [], 0
+    with open(ws.out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for row, tokens in zip(rows, new):
+            n_tokens += len(tokens)
+            answer = tokenizer.decode(tokens, skip_special_tokens=True)
+            gold.append(row["label"])
+            pred.append(parse_answer(answer, labels))
+            f.write(json.dumps({"line": row["line"], "gold": row["label"], "pred": pred[-1],
+                                "answer": answer}, ensure_ascii=False) + "\n")
+    metrics = score(gold, pred, labels)
+    metrics.update(
+        model_kind=model.kind,
+        split=split,
+        latency_ms_p50=round(1000 * _percentile(latencies, 0.5), 2),
+        latency_ms_p95=round(1000 * _percentile(latencies, 0.95), 2),
+        tokens_per_second=round(n_tokens / max(seconds, 1e-9), 1),
+        examples_per_second=round(len(rows) / max(seconds, 1e-9), 1),
+        batch_size=BATCH_SIZE,
+        size_bytes=dir_size(folder),
+    )
+    (ws.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    ws.log(f"evaluate {model.kind}: accuracy {metrics['accuracy']:.3f}, "
+           f"macro-F1 {metrics['macro_f1']:.3f}, p50 {metrics['latency_ms_p50']} ms")
+    return metrics
 
-        rows = read_split(data, split)[: cfg.limit]
-        generate, tokenizer, folder = load_generator(model, trust_remote_code)
-        longest = max(len(tokenizer(lab, add_special_tokens=False)["input_ids"]) for lab in labels)
-        max_new = min(cfg.max_new_tokens, longest + 1)
-        prompts = [tokenizer(row["prompt"])["input_ids"] for row in rows]
-        generate([prompts[0]], max_new)  # warm-up, not timed
-        started = time.perf_counter()
-        new, latencies = generate_answers(generate, prompts, max_new)
-        seconds = time.perf_counter() - started
-        gold, pred, n_tokens = [], [], 0
-        with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-            for row, tokens in zip(rows, new):
-                n_tokens += len(tokens)
-                answer = tokenizer.decode(tokens, skip_special_tokens=True)
-                gold.append(row["label"])
-                pred.append(parse_answer(answer, labels))
-                f.write(json.dumps({"line": row["line"], "gold": row["label"], "pred": pred[-1],
-                                    "answer": answer}, ensure_ascii=False) + "\n")
-        metrics = score(gold, pred, labels)
-        metrics.update(
-            model_kind=model.kind,
-            split=split,
-            latency_ms_p50=round(1000 * _percentile(latencies, 0.5), 2),
-            latency_ms_p95=round(1000 * _percentile(latencies, 0.95), 2),
-            tokens_per_second=round(n_tokens / max(seconds, 1e-9), 1),
-            examples_per_second=round(len(rows) / max(seconds, 1e-9), 1),
-            batch_size=BATCH_SIZE,
-            size_bytes=dir_size(folder),
-        )
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        log(f"evaluate {model.kind}: accuracy {metrics['accuracy']:.3f}, "
-            f"macro-F1 {metrics['macro_f1']:.3f}, p50 {metrics['latency_ms_p50']} ms")
-        return metrics
 
-    ref = run_stage(KIND, key, store, [model, data], build, log=log)
-    release_memory()
-    return ref
+STAGE = Stage(
+    name="evaluate",
+    kind="evaluation",
+    version=3,  # 3: the quality gate is no longer part of the key (changing it re-evaluated all)
+    inputs=("model", "data"),
+    options={"labels": REQUIRED, "split": "eval", "trust_remote_code": False},
+    key_config=key_config,
+    build=build,
+)

@@ -14,12 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from slmflow.artifacts import ArtifactRef, dir_size, run_stage, stage_key
+from slmflow.artifacts import ArtifactRef, dir_size
 from slmflow.config import ExportConfig
 from slmflow.errors import StageCheckError
-from slmflow.stages import release_memory
-
-VERSION = 1
+from slmflow.stage import Stage, Workspace
 
 
 def builder_options(cfg: ExportConfig) -> dict[str, str]:
@@ -49,64 +47,54 @@ def builder_command(cfg: ExportConfig, model: Path, out: Path, cache: Path) -> l
 
 def smoke_generate(folder: Path, prompt: str, max_new_tokens: int = 4) -> str:
     """Load the exported model with onnxruntime-genai (its own tokenizer too) and generate."""
-    from slmflow.stages.evaluate import onnx_generator
+    from slmflow.generate import onnx_generator
 
     generate, tokenizer = onnx_generator(folder)
     return tokenizer.decode(generate([list(tokenizer.encode(prompt))], max_new_tokens)[0])
 
 
-KIND = "onnx_model"
-
-
-def onnx_key(cfg: ExportConfig, store: Path, merged: ArtifactRef, data: ArtifactRef) -> str:
+def key_config(cfg: ExportConfig) -> dict[str, Any]:
     # What is built, not how it was chosen: a recipe search's candidate and the same recipe
     # asked for by hand share one folder.
-    built = cfg.model_dump(mode="json", exclude={"recipe", "search"})
-    return stage_key(KIND, VERSION, built, [merged, data], store)
+    return cfg.model_dump(mode="json", exclude={"recipe", "search"})
 
 
-def export_onnx(
-    cfg: ExportConfig, store: Path, merged: ArtifactRef, data: ArtifactRef, log=print
-) -> ArtifactRef:
+def build(cfg: ExportConfig, ws: Workspace, merged: ArtifactRef, data: ArtifactRef) -> dict[str, Any]:
     """Build the ONNX model into the stage folder and prove it loads and generates."""
-    key = onnx_key(cfg, store, merged, data)
+    from slmflow.folders import describe_model, model_dir, read_split
+    from slmflow.resources import check_resources, estimate_export
 
-    def build(out: Path, work: Path) -> dict[str, Any]:
-        from slmflow.resources import check_resources, estimate_export
-        from slmflow.stages.base_model import describe_model, model_dir
-        from slmflow.stages.prepare_data import read_split
+    folder = model_dir(merged)
+    params = describe_model(folder)["parameters"]
+    check_resources("export", *estimate_export(params, cfg.precision), ws.out)  # before the builder
 
-        folder = model_dir(merged)
-        params = describe_model(folder)["parameters"]
-        check_resources("export", *estimate_export(params, cfg.precision), out)  # before the builder
+    cmd = builder_command(cfg, folder, ws.out, ws.work / "builder-cache")
+    ws.log("export: " + " ".join(cmd[2:]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ws.work, check=False)
+    if proc.returncode != 0 or not (ws.out / "genai_config.json").is_file():
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        cause = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "")
+        raise StageCheckError(
+            f"export: the model builder failed (exit {proc.returncode}): {cause}; check "
+            "export.block_size (hidden sizes must divide by it) and export.algo_config"
+        )
+    prompt = read_split(data, "eval")[0]["prompt"]
+    try:
+        sample = smoke_generate(ws.out, prompt)
+    except Exception as exc:  # noqa: BLE001 - any failure to load or run is the finding
+        raise StageCheckError(
+            f"export: onnxruntime-genai cannot run the exported model ({exc}); try another "
+            "export.algo_config or export.matmul_mixed_precision"
+        ) from None
+    ws.log(f"export: loads and generates: {sample!r}")
+    return {
+        "precision": cfg.precision,
+        "execution_provider": cfg.execution_provider,
+        "builder_options": builder_options(cfg),
+        "size_bytes": dir_size(ws.out),
+        "smoke_output": sample,
+    }
 
-        cmd = builder_command(cfg, folder, out, work / "builder-cache")
-        log("export: " + " ".join(cmd[2:]))
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, check=False)
-        if proc.returncode != 0 or not (out / "genai_config.json").is_file():
-            lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
-            cause = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "")
-            raise StageCheckError(
-                f"export: the model builder failed (exit {proc.returncode}): {cause}; check "
-                "export.block_size (hidden sizes must divide by it) and export.algo_config"
-            )
-        prompt = read_split(data, "eval")[0]["prompt"]
-        try:
-            sample = smoke_generate(out, prompt)
-        except Exception as exc:  # noqa: BLE001 - any failure to load or run is the finding
-            raise StageCheckError(
-                f"export: onnxruntime-genai cannot run the exported model ({exc}); try another "
-                "export.algo_config or export.matmul_mixed_precision"
-            ) from None
-        log(f"export: loads and generates: {sample!r}")
-        return {
-            "precision": cfg.precision,
-            "execution_provider": cfg.execution_provider,
-            "builder_options": builder_options(cfg),
-            "size_bytes": dir_size(out),
-            "smoke_output": sample,
-        }
 
-    ref = run_stage(KIND, key, store, [merged, data], build, log=log)
-    release_memory()
-    return ref
+STAGE = Stage(name="export", kind="onnx_model", version=1, inputs=("merged", "data"),
+              key_config=key_config, build=build)

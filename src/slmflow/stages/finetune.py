@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from slmflow.artifacts import ArtifactRef, run_stage, stage_key
+from slmflow.artifacts import ArtifactRef
 from slmflow.config import FinetuneConfig
 from slmflow.errors import ConfigError
-from slmflow.stages import release_memory
-
-VERSION = 2  # 2: the batch order of group_by_length depends on (seed, epoch) only
-
-ProgressFn = Callable[[int, int, dict[str, float]], None]
+from slmflow.stage import Progress, Stage, Workspace
 
 
-def check_target_modules(cfg: FinetuneConfig, base: ArtifactRef) -> None:
+def check_target_modules(cfg: FinetuneConfig, base: ArtifactRef, **_: Any) -> None:
     """Refuse target modules the base model does not have, listing the ones it does."""
     have = base.meta.get("linear_modules") or []
     missing = [m for m in cfg.target_modules if m not in have]
@@ -191,122 +186,135 @@ def _trainer_class(group_by_length: bool, seed: int):
     return SlmflowTrainer
 
 
-KIND = "adapter"
+def loss_history(progress: Progress | None):
+    """A Trainer callback that keeps every logged loss (`.history`) and reports progress."""
+    from transformers import TrainerCallback
+
+    class LossHistory(TrainerCallback):
+        def __init__(self) -> None:
+            self.history: list[dict[str, float]] = []
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.history.append({"step": state.global_step, "loss": float(logs["loss"]),
+                                     "learning_rate": float(logs.get("learning_rate", 0.0))})
+
+        def on_step_end(self, args, state, control, **kw):
+            if progress:
+                progress(state.global_step, state.max_steps, self.history[-1] if self.history else {})
+
+    return LossHistory()
 
 
-def adapter_key(cfg: FinetuneConfig, store: Path, base: ArtifactRef, data: ArtifactRef) -> str:
-    return stage_key(KIND, VERSION, cfg, [base, data], store)
+def training_arguments(cfg: FinetuneConfig, checkpoints: Path, device: str):
+    """The Trainer's arguments: the config's optimizer and schedule, a checkpoint every
+    `checkpoint_every` steps, the loss logged every step, nothing reported elsewhere."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_steps=cfg.max_steps if cfg.max_steps else -1,
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        adam_beta2=cfg.adam_beta2,
+        activation_checkpointing=cfg.gradient_checkpointing and cfg.method == "lora",
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=cfg.checkpoint_every,
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=device == "cpu",
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+    )
 
 
-def finetune(
-    cfg: FinetuneConfig,
-    store: Path,
-    base: ArtifactRef,
-    data: ArtifactRef,
-    on_progress: ProgressFn | None = None,
-    log=print,
-) -> ArtifactRef:
+def resume_point(checkpoints: Path, history: list[dict[str, float]], log) -> Path | None:
+    """The last complete checkpoint of an interrupted attempt, its loss history put back first."""
+    resume = last_checkpoint(checkpoints)
+    if resume is not None:
+        log(f"finetune: resuming from {resume.name} (step {resume.name.split('-')[1]})")
+        prior = json.loads((resume / "trainer_state.json").read_text())
+        history.extend(
+            {"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate", 0.0)}
+            for h in prior.get("log_history", []) if "loss" in h
+        )
+    return resume
+
+
+def training_metrics(cfg: FinetuneConfig, steps: int, log_rows: list[dict[str, float]],
+                     train_loss: float, tokens: int, rows: int, resumed_from: int,
+                     seconds: float) -> dict[str, Any]:
+    """What the adapter's manifest says about its training."""
+    epochs_seen = steps * cfg.batch_size * cfg.gradient_accumulation_steps / max(1, rows)
+    ran = (steps - resumed_from) / max(steps, 1)  # share of the steps this attempt ran
+    if resumed_from and len(log_rows) == steps:
+        # The Trainer averages only the steps it ran after resuming; the mean of the whole
+        # history (one logged loss a step) is what an uninterrupted run reports.
+        train_loss = sum(h["loss"] for h in log_rows) / steps
+    return {
+        "method": cfg.method,
+        "steps": steps,
+        "resumed_from_step": resumed_from,
+        "train_rows": rows,
+        "final_loss": log_rows[-1]["loss"] if log_rows else None,
+        "train_seconds": round(seconds, 2),
+        "train_loss": train_loss,
+        "tokens_per_second": round(tokens * epochs_seen * ran / max(seconds, 1e-9), 1),
+    }
+
+
+def build(cfg: FinetuneConfig, ws: Workspace, base: ArtifactRef, data: ArtifactRef) -> dict[str, Any]:
     """Train the adapter; resume from the last checkpoint of an interrupted attempt."""
-    check_target_modules(cfg, base)
-    key = adapter_key(cfg, store, base, data)
+    import torch
+    from transformers import AutoTokenizer
 
-    def build(out: Path, work: Path) -> dict[str, Any]:
-        import torch
-        from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
+    from slmflow.folders import model_dir, read_split
 
-        from slmflow.stages.base_model import model_dir
-        from slmflow.stages.prepare_data import read_split
+    device = pick_device(cfg.device)
+    folder = model_dir(base)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_split(data, "train")]
+    torch.manual_seed(cfg.seed)
+    model = load_for_training(cfg, folder, device)
+    losses = loss_history(ws.progress)
+    started = time.perf_counter()
+    trainer = _trainer_class(cfg.group_by_length, cfg.seed)(
+        model=model,
+        args=training_arguments(cfg, ws.work / "checkpoints", device),
+        train_dataset=rows,  # a plain list: no `datasets` fingerprinting of our functions
+        data_collator=_collate(pad_id),
+        callbacks=[losses],
+    )
+    resume = resume_point(ws.work / "checkpoints", losses.history, ws.log)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - started
+    model.save_pretrained(ws.out)
+    log_rows = sorted({h["step"]: h for h in losses.history}.values(), key=lambda h: h["step"])
+    (ws.out / "train_log.json").write_text(json.dumps(log_rows, indent=1))
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    resumed_from = int(resume.name.split("-")[1]) if resume else 0
+    return {"device": device} | training_metrics(
+        cfg, trainer.state.global_step, log_rows, float(result.training_loss), tokens, len(rows),
+        resumed_from, seconds)
 
-        device = pick_device(cfg.device)
-        folder = model_dir(base)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_split(data, "train")]
-        torch.manual_seed(cfg.seed)
-        model = load_for_training(cfg, folder, device)
-        history: list[dict[str, float]] = []
-        started = time.perf_counter()
-        tokens = {"n": 0}
 
-        class Progress(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kw):
-                if logs and "loss" in logs:
-                    history.append({"step": state.global_step, "loss": float(logs["loss"]),
-                                    "learning_rate": float(logs.get("learning_rate", 0.0))})
-
-            def on_step_end(self, args, state, control, **kw):
-                if on_progress:
-                    last = history[-1] if history else {}
-                    on_progress(state.global_step, state.max_steps, last)
-
-        args = TrainingArguments(
-            output_dir=str(work / "checkpoints"),
-            per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            max_steps=cfg.max_steps if cfg.max_steps else -1,
-            num_train_epochs=cfg.epochs,
-            learning_rate=cfg.learning_rate,
-            lr_scheduler_type=cfg.lr_scheduler,
-            warmup_steps=cfg.warmup_steps,
-            weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm,
-            adam_beta2=cfg.adam_beta2,
-            activation_checkpointing=cfg.gradient_checkpointing and cfg.method == "lora",
-            logging_steps=1,
-            save_strategy="steps",
-            save_steps=cfg.checkpoint_every,
-            save_total_limit=2,
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            use_cpu=device == "cpu",
-            report_to=[],
-            disable_tqdm=True,
-            remove_unused_columns=False,
-            dataloader_num_workers=0,
-            train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        )
-        trainer = _trainer_class(cfg.group_by_length, cfg.seed)(
-            model=model,
-            args=args,
-            train_dataset=rows,  # a plain list: no `datasets` fingerprinting of our functions
-            data_collator=_collate(pad_id),
-            callbacks=[Progress()],
-        )
-        resume = last_checkpoint(work / "checkpoints")
-        if resume is not None:
-            log(f"finetune: resuming from {resume.name} (step {resume.name.split('-')[1]})")
-            prior = json.loads((resume / "trainer_state.json").read_text())
-            history.extend(
-                {"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate", 0.0)}
-                for h in prior.get("log_history", []) if "loss" in h
-            )
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        seconds = time.perf_counter() - started
-        model.save_pretrained(out)
-        steps = trainer.state.global_step
-        tokens["n"] = sum(len(r["input_ids"]) for r in rows)
-        log_rows = sorted({h["step"]: h for h in history}.values(), key=lambda h: h["step"])
-        (out / "train_log.json").write_text(json.dumps(log_rows, indent=1))
-        epochs_seen = steps * cfg.batch_size * cfg.gradient_accumulation_steps / max(1, len(rows))
-        resumed_from = int(resume.name.split("-")[1]) if resume else 0
-        ran = (steps - resumed_from) / max(steps, 1)  # share of the steps this attempt ran
-        train_loss = float(result.training_loss)
-        if resume is not None and len(log_rows) == steps:
-            # The Trainer averages only the steps it ran after resuming; the mean of the whole
-            # history (one logged loss a step) is what an uninterrupted run reports.
-            train_loss = sum(h["loss"] for h in log_rows) / steps
-        return {
-            "method": cfg.method,
-            "device": device,
-            "steps": steps,
-            "resumed_from_step": resumed_from,
-            "train_rows": len(rows),
-            "final_loss": log_rows[-1]["loss"] if log_rows else None,
-            "train_seconds": round(seconds, 2),
-            "train_loss": train_loss,
-            "tokens_per_second": round(tokens["n"] * epochs_seen * ran / max(seconds, 1e-9), 1),
-        }
-
-    ref = run_stage(KIND, key, store, [base, data], build, log=log)
-    release_memory()
-    return ref
+STAGE = Stage(
+    name="finetune",
+    kind="adapter",
+    version=2,  # 2: the batch order of group_by_length depends on (seed, epoch) only
+    inputs=("base", "data"),
+    check=check_target_modules,
+    build=build,
+)

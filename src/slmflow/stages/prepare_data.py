@@ -13,13 +13,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from slmflow.artifacts import ArtifactRef, run_stage, stage_key
+from slmflow.artifacts import ArtifactRef
 from slmflow.config import DataConfig
 from slmflow.dataio import load_examples
 from slmflow.errors import DataError
+from slmflow.stage import Stage, Workspace
 from slmflow.textformat import render_example
-
-VERSION = 2  # 2: corpus_strategy join
 
 
 def split_examples(
@@ -96,82 +95,66 @@ def _context_length(folder: Path) -> int | None:
     return config.get("max_position_embeddings")
 
 
-KIND = "dataset"
+def split_sources(cfg: DataConfig, train_source: ArtifactRef, eval_source: ArtifactRef | None,
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The checked training rows and held-out rows: a stratified split, or the eval file's."""
+    examples = load_examples(train_source.uri, cfg)
+    if eval_source is None:
+        train, held = split_examples(examples, cfg)
+    else:
+        train, held = examples, load_examples(eval_source.uri, cfg)
+    if not train or not held:
+        raise DataError(
+            f"{train_source.uri}: {len(examples)} rows leave nothing to "
+            f"{'train on' if not train else 'evaluate'}; add rows or change data.eval_split"
+        )
+    return train, held
 
 
-def dataset_key(
-    cfg: DataConfig,
-    store: Path,
-    base: ArtifactRef,
-    train_source: ArtifactRef,
-    eval_source: ArtifactRef | None = None,
-    loss_on: str = "answer",
-) -> str:
-    parents = [base, train_source] + ([eval_source] if eval_source else [])
-    return stage_key(KIND, VERSION, {"data": cfg, "loss_on": loss_on}, parents, store)
-
-
-def prepare_data(
-    cfg: DataConfig,
-    store: Path,
-    base: ArtifactRef,
-    train_source: ArtifactRef,
-    eval_source: ArtifactRef | None = None,
-    loss_on: str = "answer",
-    log=print,
-) -> ArtifactRef:
+def build(cfg: DataConfig, ws: Workspace, base: ArtifactRef, train_source: ArtifactRef,
+          eval_source: ArtifactRef | None, loss_on: str) -> dict[str, Any]:
     """Check, render, split and tokenize the data with the base model's tokenizer."""
-    from slmflow.stages.base_model import model_dir
+    from transformers import AutoTokenizer
 
-    parents = [base, train_source] + ([eval_source] if eval_source else [])
-    key = dataset_key(cfg, store, base, train_source, eval_source, loss_on)
+    from slmflow.folders import model_dir
 
-    def build(out: Path, work: Path) -> dict[str, Any]:
-        from transformers import AutoTokenizer
-
-        examples = load_examples(train_source.uri, cfg)
-        if eval_source is None:
-            train, held = split_examples(examples, cfg)
+    train, held = split_sources(cfg, train_source, eval_source)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir(base))
+    stats: dict[str, Any] = {}
+    for name, rows in (("train", train), ("eval", held)):
+        where = train_source.uri if name == "train" or eval_source is None else eval_source.uri
+        if name == "train" and cfg.corpus_strategy == "join":
+            tokenized = join_chunks(rows, tokenizer, cfg, _context_length(model_dir(base)))
         else:
-            train, held = examples, load_examples(eval_source.uri, cfg)
-        if not train or not held:
-            raise DataError(
-                f"{train_source.uri}: {len(examples)} rows leave nothing to "
-                f"{'train on' if not train else 'evaluate'}; add rows or change data.eval_split"
-            )
-        tokenizer = AutoTokenizer.from_pretrained(model_dir(base))
-        stats: dict[str, Any] = {}
-        for name, rows in (("train", train), ("eval", held)):
-            where = train_source.uri if name == "train" or eval_source is None else eval_source.uri
-            if name == "train" and cfg.corpus_strategy == "join":
-                tokenized = join_chunks(rows, tokenizer, cfg, _context_length(model_dir(base)))
-            else:
-                try:
-                    tokenized = [tokenize_example(ex, tokenizer, cfg, loss_on) for ex in rows]
-                except DataError as exc:
-                    raise DataError(f"{where}:{exc}") from None
-            with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in tokenized)
-            lengths = [len(r["input_ids"]) for r in tokenized]
-            stats[name] = {
-                "rows": len(tokenized),
-                "labels": dict(Counter(r[cfg.label_column] for r in rows)),
-                "tokens": sum(lengths),
-                "max_len": max(lengths),
-            }
-        joined = ""
-        if cfg.corpus_strategy == "join":
-            stats["train"]["joined_rows"] = len(train)
-            joined = f" (chunks of <= {stats['train']['max_len']} tokens joined from {len(train)} rows)"
-        (out / "stats.json").write_text(json.dumps(stats, indent=2))
-        log(f"data: {stats['train']['rows']} train{joined} / {stats['eval']['rows']} eval rows")
-        return stats
-
-    return run_stage(KIND, key, store, parents, build, log=log)
+            try:
+                tokenized = [tokenize_example(ex, tokenizer, cfg, loss_on) for ex in rows]
+            except DataError as exc:
+                raise DataError(f"{where}:{exc}") from None
+        with open(ws.out / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in tokenized)
+        lengths = [len(r["input_ids"]) for r in tokenized]
+        stats[name] = {
+            "rows": len(tokenized),
+            "labels": dict(Counter(r[cfg.label_column] for r in rows)),
+            "tokens": sum(lengths),
+            "max_len": max(lengths),
+        }
+    joined = ""
+    if cfg.corpus_strategy == "join":
+        stats["train"]["joined_rows"] = len(train)
+        joined = f" (chunks of <= {stats['train']['max_len']} tokens joined from {len(train)} rows)"
+    (ws.out / "stats.json").write_text(json.dumps(stats, indent=2))
+    ws.log(f"data: {stats['train']['rows']} train{joined} / {stats['eval']['rows']} eval rows")
+    return stats
 
 
-def read_split(data: ArtifactRef, split: str) -> list[dict[str, Any]]:
-    """Rows of a prepared split ('train' or 'eval')."""
-    with open(Path(data.uri) / f"{split}.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
+STAGE = Stage(
+    name="prepare_data",
+    kind="dataset",
+    version=2,  # 2: corpus_strategy join
+    inputs=("base", "train_source", "eval_source"),
+    optional=("eval_source",),
+    options={"loss_on": "answer"},
+    key_config=lambda cfg, loss_on: {"data": cfg, "loss_on": loss_on},
+    build=build,
+)

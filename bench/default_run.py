@@ -7,7 +7,7 @@ ended with accuracy >= 0.90 (seconds from the start of `slmflow run`). Stage bou
 the run's own log lines, read as they are written. Writes bench/results/default_run.json.
 
 Run as:
-    .venv/bin/python bench/bench_default_run.py [--no-prefect] [--set key=value ...] [--out DIR]
+    .venv/bin/python -m bench.default_run [--no-prefect] [--set key=value ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, PeakRss, load_average, table, write_result
+from bench.common import REPO, PeakRss, load_average, table, write_result
 
 TARGET = 0.90
 # A stage ends: "[label] done: ..." (plain) or "Task run 'label' - Finished in state ..." (Prefect).

@@ -8,7 +8,7 @@ training loop (the stage's `train_seconds`: Trainer, loop and checkpoints; the h
 Both run in this process, one after the other (the stage first).
 
 Run as (after a default run, e.g. `slmflow run --no-prefect`, for its base model and data):
-    .venv/bin/python bench/bench_train_throughput.py [--run runs/default] [--steps 100]
+    .venv/bin/python -m bench.train_throughput [--run runs/default] [--steps 100]
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, PeakRss, load_average, table, write_result
+from bench.common import REPO, PeakRss, load_average, table, write_result
 
 
 def stage_batches(lengths: list[int], batch_size: int, seed: int, steps: int) -> list[list[int]]:
@@ -84,9 +83,10 @@ def main() -> None:
 
     from slmflow.artifacts import ArtifactRef
     from slmflow.config import FinetuneConfig
-    from slmflow.stages import finetune
-    from slmflow.stages.base_model import model_dir
-    from slmflow.stages.prepare_data import read_split
+    from slmflow.folders import model_dir, read_split
+    from slmflow.stage import run_stage
+    from slmflow.stages import STAGES
+    from slmflow.store import Store
 
     run = Path(args.run) if Path(args.run).is_absolute() else REPO / args.run
     report = json.loads((run / "report.json").read_text())
@@ -113,7 +113,8 @@ def main() -> None:
     before = load_average()
     with tempfile.TemporaryDirectory(prefix="slmflow-bench-train-") as store, PeakRss() as mem:
         t0 = time.perf_counter()
-        adapter = finetune.finetune(cfg, Path(store), base, data, log=lambda m: None)
+        adapter = run_stage(STAGES["finetune"], cfg, Store.at(store), base=base, data=data,
+                            log=lambda m: None)
         stage_wall = time.perf_counter() - t0
         stage_peak = mem.peak_mb
         stage_log = json.loads((adapter.path / "train_log.json").read_text())

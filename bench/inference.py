@@ -6,19 +6,17 @@ at a time (batch 1, how evaluation ran before) and in equal-length batches (how 
 Answers of every batch size are compared row by row with batch 1's: they must be the same.
 
 Run as (after a default run, e.g. `slmflow run --no-prefect`):
-    .venv/bin/python bench/bench_inference.py [--run runs/default] [--batch-sizes 1,16]
+    .venv/bin/python -m bench.inference [--run runs/default] [--batch-sizes 1,16]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, dir_size, load_average, table, write_result
+from bench.common import REPO, dir_size, load_average, table, write_result
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -27,7 +25,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def bench_model(name: str, ref, rows, labels, batch_sizes, max_new_tokens: int) -> list[dict]:
-    from slmflow.stages.evaluate import generate_answers, load_generator, parse_answer
+    from slmflow.generate import generate_answers, load_generator
+    from slmflow.stages.evaluate import parse_answer
 
     t0 = time.perf_counter()
     generate, tokenizer, folder = load_generator(ref)
@@ -70,7 +69,7 @@ def main() -> None:
     parser.add_argument("--models", default="merged,exported")
     args = parser.parse_args()
     from slmflow.artifacts import ArtifactRef
-    from slmflow.stages.prepare_data import read_split
+    from slmflow.folders import read_split
 
     run = Path(args.run) if Path(args.run).is_absolute() else REPO / args.run
     report = json.loads((run / "report.json").read_text())

@@ -6,7 +6,7 @@ functions called in order in one Python process), then each again, all cached. P
 the Prefect/plain ratio (goal: <= 1.10 cold) and the per-stage seconds side by side.
 
 Run as:
-    .venv/bin/python bench/bench_orchestration.py [--set key=value ...] [--order plain,prefect]
+    .venv/bin/python -m bench.orchestration [--set key=value ...] [--order plain,prefect]
         [--repeat N]
 """
 
@@ -16,13 +16,11 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_result
-from bench_default_run import run_once
+from bench.common import table, write_result
+from bench.default_run import run_once
 
 
 def main() -> None:

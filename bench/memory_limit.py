@@ -11,7 +11,7 @@ Needs a writable cgroup memory controller (v1 `memory` or v2 `memory.max`; root 
 usually has one); says so and exits 2 otherwise.
 
 Run as:
-    .venv/bin/python bench/bench_memory_limit.py [--limit 3G] [--no-prefect] [--set key=value ...]
+    .venv/bin/python -m bench.memory_limit [--limit 3G] [--no-prefect] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Self
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_result
-from bench_default_run import run_once
+from bench.common import table, write_result
+from bench.default_run import run_once
 
 V1 = Path("/sys/fs/cgroup/memory")
 V2 = Path("/sys/fs/cgroup")
@@ -101,7 +100,7 @@ def main() -> None:
         with MemoryCgroup(limit):
             pass
     except (OSError, RuntimeError) as exc:
-        sys.exit(f"bench_memory_limit: no writable memory cgroup here ({exc}); run it as root on a "
+        sys.exit(f"bench.memory_limit: no writable memory cgroup here ({exc}); run it as root on a "
                  "machine with the cgroup memory controller")
     root = Path(tempfile.mkdtemp(prefix="slmflow-bench-mem-"))
     env = {**os.environ, "PREFECT_HOME": str(root / "prefect-home")}

@@ -1,4 +1,6 @@
-"""`azureml://` references, parsed and checked without network.
+"""URI shapes a config may hold, parsed and checked without network (no I/O here).
+
+A shared stage store (`cache_remote`): any fsspec URL, e.g. az://CONTAINER/PREFIX.
 
 Registry model (the seed's `azureml_registry_model`):
     azureml://registries/<registry>/models/<name>/versions/<version>
@@ -58,8 +60,14 @@ class KeyVaultSecret:
         return f"https://{self.vault}.vault.azure.net"
 
 
-def is_azureml(spec: str | None) -> bool:
-    return bool(spec) and spec.startswith("azureml:")
+def check_remote_uri(uri: str, field: str = "cache_remote") -> str:
+    """Shape only: an fsspec URL with a scheme and a path (without the trailing slash)."""
+    if "://" not in uri or not uri.split("://", 1)[1].strip("/"):
+        raise ConfigError(
+            f"{field}: {uri!r} is not a storage URL; write e.g. az://CONTAINER/PREFIX (Azure Blob), "
+            "or file:///shared/slmflow-cache for a shared folder"
+        )
+    return uri.rstrip("/")
 
 
 def parse_registry_model(spec: str, field: str = "model.name_or_path") -> RegistryModel:
