@@ -206,7 +206,7 @@ def dump_config(config: PipelineConfig) -> str:
 
 
 def config_reference() -> str:
-    """The config reference as a Markdown table (the README's, kept in sync by a test)."""
+    """The config reference as a Markdown table (docs/config.md's, kept in sync by a test)."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
 
     def walk(model: type[BaseModel], prefix: str) -> None:

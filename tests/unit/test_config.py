@@ -134,6 +134,6 @@ def test_every_field_has_a_title_and_description_for_the_ui_form():
 def test_readme_config_reference_is_current():
     from slmflow.configio import config_reference
 
-    assert config_reference() in (REPO / "README.md").read_text(), (
-        "README's config reference is stale: paste `slmflow show-config --reference` into it"
+    assert config_reference() in (REPO / "docs" / "config.md").read_text(), (
+        "docs/config.md is stale: paste `slmflow show-config --reference` into it"
     )
