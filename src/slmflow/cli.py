@@ -4,7 +4,7 @@ Run as:
     slmflow run [--config FILE] [--set dotted.key=value ...] [--no-prefect]
     slmflow validate [--config FILE] [--set ...]
     slmflow show-config [--config FILE] [--set ...]
-    slmflow make-tiny-model DIR [--seed N]
+    slmflow make-tiny-model DIR [--seed N] [--shape phi3-mini --layers 2]
     slmflow convert-olive OLIVE_CONFIG.json      # the slmflow config, and what each Olive key became
 """
 
@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny-model", help="build the tiny random-init Phi-3 for tests")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--shape", choices=("tiny", "phi3-mini"), default="tiny",
+                      help="phi3-mini: Phi-3-mini-4k's real widths (random init)")
+    tiny.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
     return parser
 
 
@@ -66,7 +69,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "make-tiny-model":
         from slmflow.tiny import build_tiny_phi3
 
-        print(build_tiny_phi3(args.dir, seed=args.seed))
+        print(build_tiny_phi3(args.dir, seed=args.seed, shape=args.shape, layers=args.layers))
         return 0
 
     if args.command == "convert-olive":

@@ -191,6 +191,47 @@ class DataConfig(_Config):
         return self
 
 
+class DistributedConfig(_Config):
+    """Data-parallel fine-tuning with torch.distributed (torchrun, AzureML's PyTorch distribution).
+
+    torchrun on one machine; across machines, an AzureML job of the azureml pool with
+    instance_count or processes_per_instance above 1.
+    """
+
+    processes_per_node: Literal["auto"] | int = Field(
+        "auto",
+        title="Processes per node",
+        description="auto: one per visible GPU (1 on CPU), or the processes per instance of an "
+        "AzureML distributed job. More than 1 starts torchrun; each process trains on its share "
+        "of every global batch (batch_size × gradient_accumulation_steps × world size).",
+    )
+    nodes: Literal["auto"] | int = Field(
+        "auto",
+        title="Nodes",
+        description="auto: 1, or the instance count of an AzureML distributed job (every node "
+        "runs processes_per_node processes). Above 1 only inside such a job.",
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", title="Backend", description="auto: nccl on CUDA, gloo on CPU."
+    )
+    timeout_seconds: int = Field(
+        600,
+        ge=10,
+        le=86400,
+        title="Timeout (s)",
+        description="Rendezvous and collective timeout: a rank that dies or hangs fails the "
+        "stage after this long, never a hang.",
+    )
+
+    @field_validator("processes_per_node", "nodes")
+    @classmethod
+    def _positive(cls, value: int | str, info) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"finetune.distributed.{info.field_name} must be 'auto' or at least 1, "
+                             f"got {value}")
+        return value
+
+
 class FinetuneConfig(_Config):
     """LoRA or QLoRA fine-tuning of the base model."""
 
@@ -216,7 +257,10 @@ class FinetuneConfig(_Config):
         description="QLoRA compute dtype. float32 on CPUs without bf16 (bf16 was 22x slower here).",
     )
     learning_rate: float = Field(5e-4, gt=0, le=1.0, title="Learning rate", description="Peak LR.")
-    batch_size: int = Field(8, ge=1, title="Batch size", description="Per step, per device.")
+    batch_size: int = Field(
+        8, ge=1, title="Batch size",
+        description="Per step, per process: the global batch is batch_size × "
+        "gradient_accumulation_steps × world size (finetune.distributed).")
     gradient_accumulation_steps: int = Field(
         1, ge=1, title="Gradient accumulation", description="Batches summed per optimizer step."
     )
@@ -249,6 +293,12 @@ class FinetuneConfig(_Config):
     seed: int = Field(0, title="Training seed", description="Adapter init and batch order.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", title="Device", description="auto: CUDA when available, else CPU."
+    )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,
+        title="Distributed",
+        description="Data parallelism over processes and nodes (torch.distributed). The global "
+        "batch is batch_size × gradient_accumulation_steps × world size.",
     )
 
 

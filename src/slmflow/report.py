@@ -156,7 +156,9 @@ def render_markdown(report: dict[str, Any], inline_images: bool = False) -> str:
         "## Confusion matrix (exported)\n\n" + confusion,
         (f"## Training\n\n{report['training'].get('steps')} steps, final loss "
         f"{_num(report['training'].get('final_loss'))}, {report['training'].get('tokens_per_second')} "
-        "tokens/s.\n\n" + loss),
+        f"tokens/s; world size {report['training'].get('world_size', 1)}, global batch "
+        f"{report['training'].get('global_batch', '?')} (batch_size × gradient_accumulation_steps "
+        "× world size).\n\n" + loss),
         f"## Merge\n\nmax |logit diff| merged vs base+adapter: {report['merge'].get('max_logit_diff')}",
         "## Stages\n\n" + _md_table(stage_table(report["stages"])),
     ]) + "\n"

@@ -35,6 +35,8 @@ class Workspace:
     work: Path  # stable across attempts of one key: checkpoints there survive a crash
     log: Log = print
     progress: Progress | None = None  # (step, total, last logged values), for long stages
+    store: Store | None = None  # the store the inputs came from (a distributed fine-tune's
+    # other nodes fetch them from its remote)
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ def run_stage(stage: Stage, cfg: Any, store: Store, *, log: Log = print,
     key = stage.key(cfg, store, **named)
 
     def build(out: Path, work: Path) -> dict[str, Any]:
-        return stage.build(cfg, Workspace(out, work, log, progress), **inputs, **options)
+        return stage.build(cfg, Workspace(out, work, log, progress, store), **inputs, **options)
 
     try:
         return store.build(stage.kind, key, stage.parents(inputs), build, log=log)

@@ -58,6 +58,16 @@ class Store(BaseModel):
     def folder(self, kind: str, key: str) -> Path:
         return self.root / kind / key
 
+    def pull(self, kind: str, key: str, log: Log = print) -> ArtifactRef | None:
+        """The verified output `kind`/`key` if this store has it or can download it; else None."""
+        final = self.folder(kind, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(final) + ".lock"):
+            ref = read_verified(final)
+            if ref is None and self.remote:
+                ref = _pull(self.remote, kind, key, final, log)
+            return ref
+
     def build(self, kind: str, key: str, parents: list[ArtifactRef], build: Build,
               log: Log = print) -> ArtifactRef:
         """The verified output `kind`/`key`: reused if present (here or on the remote), else built.

@@ -4,6 +4,10 @@ The model is small (4 layers, hidden 256, vocab 1024; every dim a multiple of 32
 int4 ``MatMulNBits`` block size divides it) and is built deterministically: two builds with the
 same seed and corpus give byte-identical files. onnxruntime-genai's model builder exports the
 folder to int4 on CPU as is.
+
+`shape="phi3-mini"` builds the same kind of model with Phi-3-mini-4k's real widths (hidden 3072,
+32 heads, intermediate 8192, vocab 32064) and few layers: dimension-specific bugs of the builder
+or the quantizers show on it before a user's GPU run (`tests/e2e/test_real_dims.py`).
 """
 
 from __future__ import annotations
@@ -114,24 +118,36 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
     )
 
 
-def _write_model(out_dir: Path, tokenizer, seed: int) -> None:
+SHAPES = {
+    "tiny": {
+        "vocab_size": VOCAB_SIZE, "hidden_size": 256,
+        # not 1024 = VOCAB_SIZE: onnxruntime-genai 0.18's builder mis-builds a model whose
+        # intermediate size equals its vocabulary size (its ONNX logits then disagree with
+        # PyTorch's, correlation ~0.45 even in fp32; measured when the recipe search was built)
+        "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "max_position_embeddings": MAX_POSITIONS,
+    },
+    "phi3-mini": {  # microsoft/Phi-3-mini-4k-instruct's widths (the tokenizer stays the tiny one)
+        "vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+        "max_position_embeddings": 4096,
+    },
+}
+
+
+def _write_model(out_dir: Path, tokenizer, seed: int, shape: str = "tiny",
+                 layers: int | None = None) -> None:
     """Build the random-init Phi-3 and save it with its tokenizer into ``out_dir``."""
     import torch
     from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
 
+    dims = dict(SHAPES[shape])
+    if layers:
+        dims["num_hidden_layers"] = layers
     config = Phi3Config(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=256,
-        # not 1024 = VOCAB_SIZE: onnxruntime-genai 0.18's builder mis-builds a model whose
-        # intermediate size equals its vocabulary size (its ONNX logits then disagree with
-        # PyTorch's, correlation ~0.45 even in fp32; measured, see tests/e2e/test_recipe_search.py)
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=MAX_POSITIONS,
+        **dims,
         # The builder picks the LongRoPE variant unless these two are equal.
-        original_max_position_embeddings=MAX_POSITIONS,
+        original_max_position_embeddings=dims["max_position_embeddings"],
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -150,7 +166,8 @@ def _write_model(out_dir: Path, tokenizer, seed: int) -> None:
 
 
 def build_tiny_phi3(
-    out_dir: str | Path, seed: int = 0, corpus_files: list[Path] | None = None
+    out_dir: str | Path, seed: int = 0, corpus_files: list[Path] | None = None,
+    shape: str = "tiny", layers: int | None = None,
 ) -> Path:
     """Build a tiny random-init Phi-3 model and tokenizer folder.
 
@@ -162,6 +179,8 @@ def build_tiny_phi3(
         seed: Seed for the model's random initialisation.
         corpus_files: Tokenizer training corpus (see :func:`corpus_texts`); defaults to the
             package's ``data/tones.jsonl``.
+        shape: "tiny", or "phi3-mini" for Phi-3-mini's real widths.
+        layers: Decoder layers instead of the shape's.
 
     Returns:
         The path of the model folder (``config.json``, ``model.safetensors``,
@@ -173,6 +192,6 @@ def build_tiny_phi3(
     out_dir = Path(out_dir)
 
     def write(tmp: Path) -> None:
-        _write_model(tmp, train_tokenizer(corpus_texts(corpus_files)), seed)
+        _write_model(tmp, train_tokenizer(corpus_texts(corpus_files)), seed, shape, layers)
 
     return build_folder(out_dir, write, is_complete)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -177,3 +178,97 @@ def test_worker_submits_and_reports_failure_and_cancellation(server, monkeypatch
         run = asyncio.run(_work("aml-test", running, run_id))
         assert running.cancelled == [running.submitted[0].name]
         assert run.state.type.value == "CANCELLED", run.state
+
+
+class LocalCluster:
+    """A fake AzureML that runs a job's command as its processes on this machine, with the
+    variables AzureML's PyTorch distribution sets: a process a node, each node its own folder."""
+
+    def __init__(self, api_url: str, root: Path, nodes: int = 2) -> None:
+        self.api_url, self.root, self.nodes = api_url, root, nodes
+        self.procs: list[subprocess.Popen] = []
+        self.submitted: list = []
+
+    def submit(self, job):
+        import shlex
+
+        self.submitted.append(job)
+        port = str(_free_port())
+        argv = shlex.split(job.command)
+        argv[0] = sys.executable if argv[0] == "python" else argv[0]
+        for node in range(self.nodes):
+            folder = self.root / f"node-{node}"
+            folder.mkdir(parents=True)
+            env = {**os.environ, **job.environment_variables, "PREFECT_API_URL": self.api_url,
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(self.nodes),
+                   "RANK": str(node), "NODE_RANK": str(node), "LOCAL_RANK": "0",
+                   "PYTHONUNBUFFERED": "1", "PREFECT_LOGGING_TO_API_ENABLED": "false"}
+            log = open(folder / "std_log.txt", "w")  # noqa: SIM115 - closed when the job ends
+            self.procs.append(subprocess.Popen(argv, cwd=folder, env=env, stdout=log,
+                                               stderr=subprocess.STDOUT))
+        return SubmittedJob(name=job.name, studio_url=None)
+
+    def status(self, name):
+        if any(p.poll() is None for p in self.procs):
+            return "Running"
+        return "Completed" if all(p.returncode == 0 for p in self.procs) else "Failed"
+
+    def cancel(self, name):
+        for p in self.procs:
+            p.kill()
+
+    def log(self, node: int) -> str:
+        return (self.root / f"node-{node}" / "std_log.txt").read_text()
+
+
+def test_a_two_node_job_runs_the_flow_once_and_trains_on_both_nodes(server, monkeypatch, tiny_model,
+                                                                     tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
+
+    from slmflow.configio import load_config
+
+    for key in ("PREFECT_HOME", "PREFECT_API_URL"):
+        monkeypatch.setenv(key, server[key])
+    monkeypatch.setenv("PREFECT_LOGGING_TO_API_ENABLED", "false")
+    subprocess.run([str(BIN / "prefect"), "work-pool", "create", "aml-dist", "--type", "azureml"],
+                   env=server, capture_output=True, timeout=120, check=True)
+    out = tmp_path / "run"
+    config = load_config(REPO / "configs" / "tiny-phi3_lora_cpu.yaml", [
+        f"model.name_or_path={tiny_model}", f"output_dir={out}", "finetune.max_steps=8",
+        "finetune.batch_size=8", "finetune.checkpoint_every=4"])
+
+    async def flow_run() -> str:
+        async with get_client() as client:
+            flow_id = await client.create_flow_from_name("slmflow-pipeline")
+            deployment_id = await client.create_deployment(
+                flow_id, "aml-dist", work_pool_name="aml-dist",
+                entrypoint="flows.pipeline.slmflow_pipeline",
+                parameters={"config": config.model_dump(mode="json")},
+                job_variables={"subscription_id": "sub-1", "resource_group": "rg-1",
+                               "workspace": "ws-1", "compute": "cpu-cluster", "instance_count": 2,
+                               "conda_file": str(REPO / "infra/azureml/conda.yaml"),
+                               "prefect_api_url": "https://prefect.example.com/api",
+                               "poll_seconds": 0.5})
+            run = await client.create_flow_run_from_deployment(deployment_id)
+            return str(run.id)
+
+    cluster = LocalCluster(server["PREFECT_API_URL"], tmp_path / "cluster")
+    with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"],
+                             PREFECT_LOGGING_TO_API_ENABLED: False}), _own_events_worker():
+        run_id = asyncio.run(flow_run())
+        try:
+            run = asyncio.run(_work("aml-dist", cluster, run_id))
+        finally:
+            cluster.cancel("")
+    first, second = cluster.log(0), cluster.log(1)
+    assert run.state.type.value == "COMPLETED", (run.state, first[-3000:], second[-3000:])
+    (job,) = cluster.submitted
+    assert job.environment_variables["SLMFLOW_DIST_NODES"] == "2"
+    assert first.count("Finished in state Completed") >= 1 and "Beginning flow run" not in second
+    assert "[rank 0] training its share of each global batch (world size 2)" in first
+    assert "[rank 1] training its share of each global batch (world size 2)" in second
+    assert "[rank 1] done" in second and "releasing the waiting ranks" in first
+    report = json.loads((out / "report.json").read_text())
+    assert (report["training"]["world_size"], report["training"]["global_batch"]) == (2, 16)
+    assert all(p.returncode == 0 for p in cluster.procs)

@@ -230,14 +230,28 @@ def test_launcher_fetches_key_vault_secrets_then_execs_prefect():
     assert "RANK" not in env and env["SLMFLOW_DIST_MASTER_ADDR"] == "10.0.0.4"
 
 
-def test_launcher_runs_the_flow_on_rank_0_only():
+def test_launcher_runs_the_flow_on_rank_0_and_the_other_ranks_wait_for_the_fine_tune():
     from slmflow.azureml import launch
 
-    execs = []
-    assert launch.main(["--", "prefect", "flow-run", "execute"], {"RANK": "3"},
-                       lambda ref: pytest.fail("no secret on rank 3"),
-                       execvpe=lambda *a: execs.append(a)) == 0
-    assert execs == []
+    job = {"WORLD_SIZE": "4", "MASTER_ADDR": "10.0.0.4", "MASTER_PORT": "6105",
+           "SLMFLOW_DIST_NODES": "2", "SLMFLOW_DIST_PROCS_PER_NODE": "2"}
+    execs, flows = [], []
+    follower = {**job, "RANK": "3", "LOCAL_RANK": "1", "NODE_RANK": "1"}
+    assert launch.main(["--", "prefect", "flow-run", "execute"], follower, lambda ref: "",
+                       execvpe=lambda *a: execs.append(a),
+                       run_rank0=lambda *a: pytest.fail("the flow runs on rank 0 only")) == 0
+    (_file, argv, env), = execs
+    assert argv[1:] == ["-m", "slmflow.stages.finetune_rank"]  # waits at the job's rendezvous
+    assert env["RANK"] == "3" and env["MASTER_ADDR"] == "10.0.0.4"  # kept for torch.distributed
+
+    first = {**job, "RANK": "0", "LOCAL_RANK": "0", "NODE_RANK": "0"}
+    assert launch.main(["--", "prefect", "flow-run", "execute"], first, lambda ref: "",
+                       execvpe=lambda *a: pytest.fail("rank 0 of a job keeps its process"),
+                       run_rank0=lambda argv, env: flows.append((argv, dict(env))) or 7) == 7
+    (argv, env), = flows
+    assert argv[1:] == ["-m", "prefect", "flow-run", "execute"]
+    assert "RANK" not in env and "WORLD_SIZE" not in env  # the flow does not see the job's ranks
+    assert env["SLMFLOW_DIST_WORLD_SIZE"] == "4" and env["SLMFLOW_DIST_NODES"] == "2"
 
 
 def test_secrets_module_reads_a_key_vault_reference(monkeypatch):

@@ -183,8 +183,12 @@ def build_command_job(cfg: Any, flow_run_id: Any, *, suffix: str | None = None) 
             raise ConfigError(f"job variable code_dir: {code} is not a folder; give the folder to "
                               "upload as the job's code, or leave it empty")
     distribution = None
+    env = code_environment(dict(cfg.env), cfg.code_dir)
     if cfg.instance_count > 1 or cfg.processes_per_instance > 1:
         distribution = PyTorchDistribution(process_count_per_instance=cfg.processes_per_instance)
+        # the job's shape, for the fine-tune's world (slmflow.distributed)
+        env |= {"SLMFLOW_DIST_NODES": str(cfg.instance_count),
+                "SLMFLOW_DIST_PROCS_PER_NODE": str(cfg.processes_per_instance)}
     node = command(
         name=job_name(cfg.job_name_prefix, flow_run_id, suffix),
         display_name=cfg.name,
@@ -192,7 +196,7 @@ def build_command_job(cfg: Any, flow_run_id: Any, *, suffix: str | None = None) 
         command=f"{LAUNCHER} {cfg.command}",
         code=str(code) if code else None,
         environment=build_environment(cfg),
-        environment_variables=code_environment(dict(cfg.env), cfg.code_dir),
+        environment_variables=env,
         compute=cfg.compute,
         instance_count=cfg.instance_count,
         distribution=distribution,

@@ -6,10 +6,15 @@ Run as (the worker writes this command into the job):
 1. Each `SLMFLOW_SECRET_<VAR>=keyvault://VAULT/NAME` is fetched from Azure Key Vault with the
    compute's managed identity and set as `<VAR>` in this process only (the job definition holds
    the reference, never the value).
-2. Under a PyTorch distribution (instance_count or processes_per_instance above 1) the flow run
-   executes once, on rank 0, with the distribution variables removed (slmflow's stages are
-   single-process: the fine-tune's Trainer sees every GPU of the node); other ranks exit 0.
-3. The command after `--` replaces this process (`prefect ...` runs as `python -m prefect ...`).
+2. Without a PyTorch distribution, the command after `--` replaces this process (`prefect ...`
+   runs as `python -m prefect ...`).
+3. Under a PyTorch distribution (instance_count or processes_per_instance above 1) the flow run
+   executes once, on rank 0, as a child of this process, with the job's rendezvous variables
+   kept as SLMFLOW_DIST_* (the fine-tune stage uses them; nothing else sees them). Every other
+   rank runs `python -m slmflow.stages.finetune_rank` and waits at the job's rendezvous: it
+   takes part in each distributed fine-tune of the flow run (see `slmflow.distributed`). When the
+   flow run ends, rank 0 joins the rendezvous once more with nothing to do, and the waiting
+   ranks exit.
 """
 
 from __future__ import annotations
@@ -19,10 +24,10 @@ import sys
 from collections.abc import Callable, MutableMapping
 
 from slmflow.azureml.job import SECRET_PREFIX
+from slmflow.distributed import JOB_PREFIX, JOB_VARS
 from slmflow.uris import KeyVaultSecret, parse_keyvault
 
-DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
-             "MASTER_ADDR", "MASTER_PORT")
+DIST_VARS = JOB_VARS  # the job's rendezvous: for the fine-tune's ranks only
 RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
 
@@ -56,9 +61,30 @@ def global_rank(environ: MutableMapping[str, str]) -> int:
     return 0
 
 
+def run_flow_then_release(argv: list[str], environ: MutableMapping[str, str]) -> int:
+    """Rank 0 of a distributed job: the flow run as a child, then release the waiting ranks."""
+    import signal
+    import subprocess
+
+    child = subprocess.Popen(argv, env=dict(environ))
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a cancelled job stops the flow run too
+        signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
+    code = child.wait()
+    release = {k: v for k, v in environ.items() if not k.startswith(JOB_PREFIX)}
+    release.update({var: environ[JOB_PREFIX + var] for var in ("MASTER_ADDR", "MASTER_PORT",
+                                                               "WORLD_SIZE")})
+    release.update(RANK="0", LOCAL_RANK="0")
+    print("slmflow launch: the flow run ended; releasing the waiting ranks", flush=True)
+    subprocess.run([sys.executable, "-m", "slmflow.stages.finetune_rank", "--release"],
+                   env=release, check=False, timeout=900)
+    return code
+
+
 def main(argv: list[str] | None = None, environ: MutableMapping[str, str] | None = None,
          fetch: Callable[[KeyVaultSecret], str] = keyvault_fetch,
-         execvpe: Callable[..., None] = os.execvpe) -> int:
+         execvpe: Callable[..., None] = os.execvpe,
+         run_rank0: Callable[[list[str], MutableMapping[str, str]], int] = run_flow_then_release,
+         ) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = os.environ if environ is None else environ
     if argv[:1] == ["--"]:
@@ -66,22 +92,27 @@ def main(argv: list[str] | None = None, environ: MutableMapping[str, str] | None
     if not argv:
         print("usage: python -m slmflow.azureml.launch -- COMMAND...", file=sys.stderr)
         return 2
-    rank = global_rank(environ)
-    if rank > 0:
-        print(f"slmflow launch: rank {rank}: the flow run executes on rank 0 only; exiting",
-              flush=True)
-        return 0
-    for var in DIST_VARS:
-        if var in environ:
-            environ[f"SLMFLOW_DIST_{var}"] = environ.pop(var)
     names = resolve_secrets(environ, fetch)
     if names:
         print(f"slmflow launch: set {', '.join(names)} from Azure Key Vault", flush=True)
+    environ.setdefault("SLMFLOW_JOB_DIR", os.getcwd())
+    rank = global_rank(environ)
+    if rank > 0:
+        print(f"slmflow launch: rank {rank} waits to take part in the flow run's fine-tune",
+              flush=True)
+        follower = [sys.executable, "-m", "slmflow.stages.finetune_rank"]
+        execvpe(follower[0], follower, dict(environ))
+        return 0  # not reached with the real execvpe
+    distributed = int(environ.get("WORLD_SIZE", "1") or 1) > 1
+    for var in DIST_VARS:
+        if var in environ:
+            environ[JOB_PREFIX + var] = environ.pop(var)
     if argv[0] == "prefect":
         argv = [sys.executable, "-m", "prefect", *argv[1:]]
     elif argv[0] == "python":
         argv = [sys.executable, *argv[1:]]
-    environ.setdefault("SLMFLOW_JOB_DIR", os.getcwd())
+    if distributed:
+        return run_rank0(argv, environ)
     execvpe(argv[0], argv, dict(environ))
     return 0  # not reached with the real execvpe
 

@@ -52,12 +52,14 @@ def _fields() -> dict[str, Any]:
         "compute": {"title": "Compute cluster", "description": "AzureML compute cluster the job "
                         "runs on (e.g. gpu-cluster); create it as infra/azureml/README.md shows."},
         "instance_count": {"title": "Instance count", "description": "Nodes of the cluster the job "
-                               "takes. Above 1 the job gets a PyTorch distribution; slmflow's "
-                               "stages are single-process, so the flow runs on the first node."},
+                               "takes. Above 1 the job gets a PyTorch distribution: the flow runs "
+                               "once, on rank 0; every rank of every node takes part in the "
+                               "fine-tune (data parallel; set cache_remote so that all nodes "
+                               "share the stage store)."},
         "processes_per_instance": {"title": "Processes per instance", "description": "Processes "
                                        "per node of the PyTorch distribution (one per GPU). The "
-                                       "flow runs in rank 0 with every GPU of its node visible; "
-                                       "other ranks exit at once."},
+                                       "flow runs in rank 0; the other ranks wait and join the "
+                                       "fine-tune's process group."},
         "environment": {"title": "Registered environment", "description": "An AzureML environment "
                             "(e.g. azureml:slmflow:3 or slmflow@latest). When set, conda_file, "
                             "base_image and docker_context are not used."},
@@ -243,9 +245,6 @@ class AzureMLWorker(BaseWorker[AzureMLJobConfiguration, AzureMLVariables, AzureM
     ) -> AzureMLWorkerResult:
         logger = self.get_flow_run_logger(flow_run)
         job = configuration.build_job()  # config errors surface here: the run is marked Crashed
-        if configuration.instance_count > 1:
-            logger.warning(f"instance_count={configuration.instance_count}: slmflow's stages are "
-                           "single-process; the flow runs on the first node only")
         client = type(self).client_factory(configuration)
         submitted = await anyio.to_thread.run_sync(client.submit, job)
         logger.info(f"AzureML job {submitted.name} submitted to compute {configuration.compute}"

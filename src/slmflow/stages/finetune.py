@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from slmflow.artifacts import ArtifactRef
 from slmflow.config import FinetuneConfig
+from slmflow.distributed import World, resolve_world, run_ranks
 from slmflow.errors import ConfigError
 from slmflow.stage import Progress, Stage, Workspace
 
@@ -183,6 +186,17 @@ def _trainer_class(group_by_length: bool, seed: int):
                 [len(r["input_ids"]) for r in dataset],
             )
 
+        def get_train_dataloader(self):
+            loader = super().get_train_dataloader()
+            # accelerate's set_epoch looks for the sampler at most two wrappers down; a resumed
+            # epoch of a distributed run adds a third (SkipBatchSampler around the shard), and
+            # that epoch then replayed epoch 0's order. Expose the sampler one wrapper up.
+            shard = getattr(loader, "batch_sampler", None)
+            inner = getattr(shard, "batch_sampler", None)
+            if shard is not None and not hasattr(shard, "sampler") and hasattr(inner, "sampler"):
+                shard.sampler = inner.sampler
+            return loader
+
     return SlmflowTrainer
 
 
@@ -206,14 +220,26 @@ def loss_history(progress: Progress | None):
     return LossHistory()
 
 
-def training_arguments(cfg: FinetuneConfig, checkpoints: Path, device: str):
+def training_arguments(cfg: FinetuneConfig, checkpoints: Path, device: str, world: World | None):
     """The Trainer's arguments: the config's optimizer and schedule, a checkpoint every
-    `checkpoint_every` steps, the loss logged every step, nothing reported elsewhere."""
+    `checkpoint_every` steps, the loss logged every step, nothing reported elsewhere.
+
+    With several processes, the data loader yields the global batch (batch_size × world size)
+    and accelerate splits it (`split_batches`): the length-grouped, seeded batch order is the
+    one a single process with that batch size sees, and each rank trains on its share.
+    """
     from transformers import TrainingArguments
 
+    size = world.size if world else 1
+    distributed = {} if size == 1 else {
+        "accelerator_config": {"split_batches": True},
+        "ddp_backend": world.backend,
+        "ddp_timeout": world.timeout,
+        "ddp_find_unused_parameters": False,  # LoRA: every trainable weight gets a gradient
+    }
     return TrainingArguments(
         output_dir=str(checkpoints),
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=cfg.batch_size * size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         max_steps=cfg.max_steps if cfg.max_steps else -1,
         num_train_epochs=cfg.epochs,
@@ -236,14 +262,24 @@ def training_arguments(cfg: FinetuneConfig, checkpoints: Path, device: str):
         remove_unused_columns=False,
         dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        **distributed,
     )
 
 
-def resume_point(checkpoints: Path, history: list[dict[str, float]], log) -> Path | None:
-    """The last complete checkpoint of an interrupted attempt, its loss history put back first."""
+def resume_point(checkpoints: Path, history: list[dict[str, float]], log,
+                 agree: Callable[[int], bool] | None = None) -> Path | None:
+    """The last complete checkpoint of an interrupted attempt, its loss history put back first.
+
+    `agree(step)` (distributed) tells whether every rank sees that checkpoint; if one does not
+    (no shared folder across nodes), the fine-tune starts over.
+    """
     resume = last_checkpoint(checkpoints)
+    step = int(resume.name.split("-")[1]) if resume else 0
+    if agree is not None and not agree(step):
+        log("finetune: not every rank sees the checkpoint; starting over")
+        return None
     if resume is not None:
-        log(f"finetune: resuming from {resume.name} (step {resume.name.split('-')[1]})")
+        log(f"finetune: resuming from {resume.name} (step {step})")
         prior = json.loads((resume / "trainer_state.json").read_text())
         history.extend(
             {"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate", 0.0)}
@@ -254,9 +290,10 @@ def resume_point(checkpoints: Path, history: list[dict[str, float]], log) -> Pat
 
 def training_metrics(cfg: FinetuneConfig, steps: int, log_rows: list[dict[str, float]],
                      train_loss: float, tokens: int, rows: int, resumed_from: int,
-                     seconds: float) -> dict[str, Any]:
+                     seconds: float, world_size: int = 1) -> dict[str, Any]:
     """What the adapter's manifest says about its training."""
-    epochs_seen = steps * cfg.batch_size * cfg.gradient_accumulation_steps / max(1, rows)
+    global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+    epochs_seen = steps * global_batch / max(1, rows)
     ran = (steps - resumed_from) / max(steps, 1)  # share of the steps this attempt ran
     if resumed_from and len(log_rows) == steps:
         # The Trainer averages only the steps it ran after resuming; the mean of the whole
@@ -265,6 +302,8 @@ def training_metrics(cfg: FinetuneConfig, steps: int, log_rows: list[dict[str, f
     return {
         "method": cfg.method,
         "steps": steps,
+        "world_size": world_size,
+        "global_batch": global_batch,
         "resumed_from_step": resumed_from,
         "train_rows": rows,
         "final_loss": log_rows[-1]["loss"] if log_rows else None,
@@ -274,40 +313,96 @@ def training_metrics(cfg: FinetuneConfig, steps: int, log_rows: list[dict[str, f
     }
 
 
-def build(cfg: FinetuneConfig, ws: Workspace, base: ArtifactRef, data: ArtifactRef) -> dict[str, Any]:
-    """Train the adapter; resume from the last checkpoint of an interrupted attempt."""
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in a distributed fine-tune."""
+
+    world: World
+    rank: int
+    local_rank: int
+    agree: Callable[[int], bool]  # do all ranks see the same value?
+
+
+def train(cfg: FinetuneConfig, base: ArtifactRef, data: ArtifactRef, out: Path, checkpoints: Path,
+          log, progress: Progress | None = None, rank: Rank | None = None) -> dict[str, Any] | None:
+    """Train the adapter (one process, or this rank's part); rank 0 writes it and its loss
+    history to `out` and returns the metrics, the other ranks return None."""
     import torch
     from transformers import AutoTokenizer
 
     from slmflow.folders import model_dir, read_split
 
     device = pick_device(cfg.device)
+    if device == "cuda" and rank is not None:
+        device = f"cuda:{rank.local_rank}"
+        torch.cuda.set_device(rank.local_rank)
     folder = model_dir(base)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_split(data, "train")]
     torch.manual_seed(cfg.seed)
     model = load_for_training(cfg, folder, device)
-    losses = loss_history(ws.progress)
+    losses = loss_history(progress)
     started = time.perf_counter()
     trainer = _trainer_class(cfg.group_by_length, cfg.seed)(
         model=model,
-        args=training_arguments(cfg, ws.work / "checkpoints", device),
+        args=training_arguments(cfg, checkpoints, device, rank.world if rank else None),
         train_dataset=rows,  # a plain list: no `datasets` fingerprinting of our functions
         data_collator=_collate(pad_id),
         callbacks=[losses],
     )
-    resume = resume_point(ws.work / "checkpoints", losses.history, ws.log)
+    resume = resume_point(checkpoints, losses.history, log, rank.agree if rank else None)
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
-    model.save_pretrained(ws.out)
+    if rank is not None and rank.rank != 0:
+        return None
+    gpu = {"peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20)} if on_gpu else {}
+    model.save_pretrained(out)
     log_rows = sorted({h["step"]: h for h in losses.history}.values(), key=lambda h: h["step"])
-    (ws.out / "train_log.json").write_text(json.dumps(log_rows, indent=1))
+    (out / "train_log.json").write_text(json.dumps(log_rows, indent=1))
     tokens = sum(len(r["input_ids"]) for r in rows)
     resumed_from = int(resume.name.split("-")[1]) if resume else 0
-    return {"device": device} | training_metrics(
+    return {"device": device.split(":")[0], **gpu} | training_metrics(
         cfg, trainer.state.global_step, log_rows, float(result.training_loss), tokens, len(rows),
-        resumed_from, seconds)
+        resumed_from, seconds, rank.world.size if rank else 1)
+
+
+def world_of(cfg: FinetuneConfig) -> World:
+    """The processes this fine-tune runs on (checked: refusals name the fix)."""
+    return resolve_world(cfg.distributed, pick_device(cfg.device))
+
+
+def build(cfg: FinetuneConfig, ws: Workspace, base: ArtifactRef, data: ArtifactRef) -> dict[str, Any]:
+    """Train the adapter here, or start the ranks and collect what rank 0 wrote."""
+    world = world_of(cfg)
+    if world.size == 1:
+        return train(cfg, base, data, ws.out, ws.work / "checkpoints", ws.log, ws.progress)
+    ticket = ws.work / "ticket.json"
+    ticket.write_text(json.dumps({
+        "cfg": cfg.model_dump(mode="json"), "base": base.model_dump(mode="json"),
+        "data": data.model_dump(mode="json"), "out": str(ws.out), "work": str(ws.work),
+        "store": ws.store.model_dump(mode="json") if ws.store else None,
+        "world": {"nodes": world.nodes, "per_node": world.per_node, "backend": world.backend,
+                  "timeout": world.timeout},
+    }))
+    return run_ranks(world, ticket, ws.work, ws.log, ws.progress)
+
+
+def key_config(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The config as the adapter's key sees it: how many processes share the global batch
+    changes the adapter; how they were started does not. (One process keeps the keys of
+    adapters trained before distributed fine-tuning existed.)"""
+    keyed = cfg.model_dump(mode="json", exclude={"distributed"})
+    size = world_of(cfg).size
+    return keyed if size == 1 else keyed | {"world_size": size}
+
+
+def check(cfg: FinetuneConfig, base: ArtifactRef, **_: Any) -> None:
+    check_target_modules(cfg, base)
+    world_of(cfg)
 
 
 STAGE = Stage(
@@ -315,6 +410,7 @@ STAGE = Stage(
     kind="adapter",
     version=2,  # 2: the batch order of group_by_length depends on (seed, epoch) only
     inputs=("base", "data"),
-    check=check_target_modules,
+    check=check,
+    key_config=key_config,
     build=build,
 )
