@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -10,8 +9,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from slmflow import olive
 from slmflow.config import PipelineConfig
 from slmflow.errors import ConfigError
+from slmflow.suggest import nearest_key
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -89,27 +90,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-# Names users bring from peft, transformers and Olive for slmflow's keys.
-ALIASES = {
-    "lora_r": "r", "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-    "lr": "learning_rate", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
-    "bnb_4bit_quant_type": "quant_type", "double_quantization": "double_quant",
-    "torch_dtype": "dtype", "model_name": "name_or_path", "data_files": "train_file",
-    "source_max_len": "max_seq_len", "max_seq_length": "max_seq_len", "data_seed": "seed",
-    "save_steps": "checkpoint_every", "lr_scheduler_type": "lr_scheduler",
-}
-
-
-def nearest_key(name: str, valid: list[str]) -> str | None:
-    """The valid key a mistyped or foreign key most likely means."""
-    if ALIASES.get(name) in valid:
-        return ALIASES[name]
-    close = difflib.get_close_matches(name, valid, n=1)
-    if close:
-        return close[0]
-    return next((v for v in valid if name.endswith("_" + v) or name.startswith(v + "_")), None)
-
-
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The valid keys of the (nested) model section that `loc` points into."""
     current: Any = model
@@ -183,21 +163,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     An Olive config (it has `passes` or `input_model`) is translated first (`slmflow.olive`): what
     each Olive key became goes into `notes`; `--set` overrides then apply in slmflow's key names.
-    A config that asks for AzureML stops here, before any work.
+    A config that runs on an AzureML system (host/target) stops here, before any work.
     """
     data: dict[str, Any] = {} if path is None else read_config_file(path)
     source = "config" if path is None else str(path)
     origins = None
-    if path is not None:
-        from slmflow import olive
-
-        if olive.is_olive_config(data):
-            data, notes = olive.translate_olive(data, source)
-            olive.check_runnable(notes, source)
-            data["notes"] = [str(n) for n in notes]
-            origins = olive.origins(notes)
+    if path is not None and olive.is_olive_config(data):
+        data, notes = olive.translate_olive(data, source)
+        olive.check_runnable(notes, source)
+        data["notes"] = [str(n) for n in notes]
+        origins = olive.origins(notes)
     data = apply_overrides(data, list(overrides or []))
     return build_config(data, source=source, origins=origins)
+
+
+def convert_olive_file(path: str | Path) -> str:
+    """`slmflow convert-olive FILE`: the slmflow config as YAML, then what each Olive key became."""
+    data = read_config_file(path)
+    out, notes = olive.translate_olive(data, str(path))
+    config = build_config(out, source=str(path), origins=olive.origins(notes))
+    return olive.convert_olive(config, notes, str(path))
 
 
 def dump_config(config: PipelineConfig) -> str:
