@@ -365,6 +365,109 @@ def test_a_value_slmflow_rejects_names_the_olive_key_behind_it(workdir):
         load_config(path)
 
 
+# ---- wrong types: found by tests/unit/test_fuzz_configs.py (each crashed the translator) -------
+def _olive013(*path, value) -> dict:
+    config = asset("olive013")
+    node = config
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return config
+
+
+def _both_data_configs(**params) -> dict:
+    config = asset("olive013")
+    for dc in config["data_configs"]:
+        dc["pre_process_data_config"].update(params)
+        if "text_template" not in params:
+            del dc["pre_process_data_config"]["text_template"]
+    return config
+
+
+def _datastore_with_top_client(client) -> dict:
+    """The seed's datastore block with its workspace given at the top level (azureml_client)."""
+    config = seed(**asset("seed_data_azureml"), azureml_client=client)
+    del config["data_configs"][0]["load_dataset_config"]["params"]["data_files"]["config"][
+        "azureml_client"]
+    return config
+
+
+TRAINING = ("passes", "qlora", "training_args")
+WRONG_TYPES = [  # (id, the minimal config that crashed, the message now)
+    ("warmup-ratio-text", _olive013(*TRAINING, "warmup_ratio", value="0.1"),  # TypeError
+     r"training_args\.warmup_ratio: give a fraction between 0 and 1 \(e\.g\. 0\.1\), got \"0\.1\""),
+    ("warmup-ratio-huge", _olive013(*TRAINING, "warmup_ratio", value=1e308),  # OverflowError
+     r"warmup_ratio: give a fraction between 0 and 1 .*got 1e\+308"),
+    ("warmup-ratio-nan", _olive013(*TRAINING, "warmup_ratio", value=float("nan")),  # ValueError
+     r"warmup_ratio: give a fraction between 0 and 1 .*got NaN"),
+    ("input-model-config-not-mapping", seed(input_model={"type": "PyTorchModel", "config": 1}),
+     r"input_model\.config: expected a mapping, got 1"),  # TypeError
+    ("execution-providers-nested-list", _olive013("execution_providers",
+                                                  value=[["CPUExecutionProvider"]]),
+     r"execution_providers: expected execution provider names, e\.g\. \[\"CPUExecutionProvider\"\]"),
+    ("execution-providers-mapping", _olive013("execution_providers", value={"a": 1}),  # KeyError
+     r"execution_providers: expected execution provider names"),
+    ("strategy-list", _both_data_configs(strategy=["join"], text_template=TEMPLATE),  # unhashable
+     r"strategy: unknown strategy '\[\"join\"\]'; did you mean 'join'\?"),
+    ("train-data-config-list", _olive013("passes", "qlora", "train_data_config",
+                                         value=["tones_train"]),  # unhashable
+     r"train_data_config: unknown data config '\[\"tones_train\"\]'; did you mean 'tones_train'"),
+    ("target-list", _olive013("target", value=["local_system"]),  # unhashable
+     r"target: unknown system '\[\"local_system\"\]'; did you mean 'local_system'"),
+    ("azureml-client-not-mapping", _datastore_with_top_client([1]),  # AttributeError
+     r"azureml_client: expected a mapping \(subscription_id, resource_group, workspace_name\)"),
+    ("accelerator-providers-number", _olive013("systems", "local_system", "accelerators",
+                                               value=[{"device": "cpu", "execution_providers": 5}]),
+     r"accelerators\[0\]\.execution_providers: expected execution provider names.*got 5"),
+    ("text-cols-empty", _both_data_configs(text_cols=[]),  # IndexError
+     r"text_cols: expected a column name or a list of them, e\.g\. \[\"phrase\", \"tone\"\], got \[\]"),
+    ("text-cols-numbers", _both_data_configs(text_cols=[1, 2]),  # TypeError
+     r"text_cols: expected a column name or a list of them.*got \[1, 2\]"),
+    ("builder-option-dotted", _olive013("passes", "builder", value={
+        "type": "ModelBuilder", "int4_is_symmetric": True, "extra_options": {"is_symmetric.x": 1}}),
+     r"extra_options\.is_symmetric\.x: a builder option is a name without dots"),
+    ("yaml-number-key", {**asset("olive013"), 1: 1},  # YAML's 1: crashed nearest_key
+     r": 1: unknown Olive key '1'; valid: "),
+    ("data-name-a-path", _olive013("data_configs", 0, "load_dataset_config",
+                                   value={"data_name": "/"}),  # hf:/ made datasets scan the disk
+     r"data_name: expected json, csv, parquet or a Hugging Face dataset id \(NAME or ORG/NAME\), got '/'"),
+]
+
+
+@pytest.mark.parametrize("config, match", [c[1:] for c in WRONG_TYPES], ids=[c[0] for c in WRONG_TYPES])
+def test_a_wrong_typed_olive_value_is_one_error_naming_the_key(workdir, config, match):
+    with pytest.raises(ConfigError, match=match):
+        translate_olive(config, "cfg")
+
+
+def test_a_wrong_typed_max_steps_is_named_by_config_validation(workdir):
+    """max_steps "ten" beside num_train_epochs crashed the epochs handler ('<=' on a str)."""
+    config = _edit(seed(engine=local_engine()), "passes.lora.config.training_args.max_steps", "ten")
+    with pytest.raises(ConfigError, match=r"finetune\.max_steps \(from Olive passes\.lora\.config\."
+                                          r"training_args\.max_steps\): Input should be a valid integer"):
+        load_config(write(workdir / "olive.json", config))
+
+
+def test_a_yaml_date_is_shown_in_the_notes(workdir):
+    """YAML reads 2024-01-01 as a date, which the notes' JSON could not show."""
+    import datetime
+
+    _, notes = translate_olive({**asset("olive013"), "workflow_id": datetime.date(2024, 1, 1)})
+    shown = [str(n) for n in notes if n.olive_key == "workflow_id"]
+    assert shown == [("workflow_id: \"2024-01-01\" → noted: Olive's run name; slmflow names a run "
+                      "by output_dir")]
+
+
+def test_the_translator_does_not_import_configio():
+    """configio imports olive (load_config translates Olive configs), never the reverse."""
+    import subprocess
+    import sys
+
+    code = "import sys, slmflow.olive; print('slmflow.configio' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+
+
 def test_not_an_olive_config():
     assert is_olive_config({"passes": {}}) and is_olive_config({"input_model": {}})
     assert not is_olive_config({"finetune": {"r": 8}})

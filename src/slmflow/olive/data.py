@@ -77,9 +77,9 @@ def handle_component_type(t: Translator, value: Any, path: str, node: dict) -> N
 def handle_data_name(t: Translator, value: Any, path: str, node: dict) -> None:
     if value in FILE_LOADERS:
         t.note(path, value, "noted: datasets' file loader; slmflow reads data_files itself")
-    elif not (isinstance(value, str) and value.strip()):
-        raise t.error(path, f"expected json, csv, parquet or a Hugging Face dataset name, got "
-                            f"{show(value)}")
+    elif not isinstance(value, str) or path_problem(f"hf:{value}"):
+        raise t.error(path, f"expected json, csv, parquet or a Hugging Face dataset id (NAME or "
+                            f"ORG/NAME), got {given(value)}")
     elif node.get("data_files") is not None:
         raise t.error(path, f"not supported: data_files with data_name {quoted(value)}; use "
                             "data_name json, csv or parquet for a file")
