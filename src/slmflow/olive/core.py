@@ -126,7 +126,7 @@ class Translator:
     qlora_by: str | None = None  # the quantization key that makes a LoRA pass QLoRA
     model_node: dict = field(default_factory=dict)  # input_model with its config merged in
     eval_mode: bool = False  # reading eval_data_config: data.train_file means data.eval_file
-    azureml_client: Any = None
+    azureml_client: Any = None  # the top-level workspace of azureml_datastore references
 
     def error(self, path: str, message: str) -> ConfigError:
         return ConfigError(f"{self.source}: {path or '(top level)'}: {message}")
@@ -137,11 +137,12 @@ class Translator:
             to = "data.eval_file"
         node = self.out
         *parents, last = to.split(".")
-        for part in parents:
+        for i, part in enumerate(parents):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise self.error(path, f"sets {to}, but {self.set_by.get(part, 'another key')} "
-                                       f"set {part} to a value; keep one of them")
+                inner = ".".join(parents[: i + 1])
+                raise self.error(path, f"sets {to}, but {self.set_by.get(inner, 'another key')} "
+                                       f"set {inner} to a value; keep one of them")
         if to in self.set_by and node.get(last) != value:
             raise self.error(path, f"sets {to} = {show(value)}, but {self.set_by[to]} set it to "
                                    f"{show(node.get(last))}; keep one of them")

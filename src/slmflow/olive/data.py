@@ -44,7 +44,8 @@ def handle_data_configs(t: Translator, value: Any, path: str, node: dict) -> Non
             raise t.error(f"{path}[{i}].name", "required: a data config is a mapping with a name, "
                                                "which passes refer to")
         if name in t.data_configs:
-            raise t.error(f"{path}[{i}].name", f"{quoted(name)} is used twice")
+            raise t.error(f"{path}[{i}].name", f"{quoted(name)} is used twice; give each data "
+                                               "config its own name")
         t.data_configs[name] = (f"{path}[{i}]", dc)
 
 
