@@ -23,10 +23,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src flows tasks tests bench deployments infra
-	$(VENV)/bin/python -m pytest -m "not gpu and not azureml and not realdims" --durations=15
+	$(VENV)/bin/python -m pytest -m "not gpu and not azureml and not realdims and not fuzz" --durations=15
 
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -m "not slow and not gpu and not azureml and not realdims"
+	$(VENV)/bin/python -m pytest -m "not slow and not gpu and not azureml and not realdims and not fuzz"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src flows tasks tests bench deployments infra

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except SlmflowError as exc:
         if getattr(exc, "report_path", None):
             print(f"report: {exc.report_path}", flush=True)
-        print("error: " + " ".join(str(exc).split("\n")), file=sys.stderr)  # always one line
+        # Always one line: values quoted in a message may hold any line break (\r, \u2028, ...).
+        print("error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted: finished stages are kept; run again to resume", file=sys.stderr)
@@ -73,9 +74,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "convert-olive":
-        from slmflow.olive import convert_olive
+        from slmflow.configio import convert_olive_file
 
-        print(convert_olive(args.file), end="")
+        print(convert_olive_file(args.file), end="")
         return 0
 
     from slmflow.configio import config_reference, dump_config, load_config

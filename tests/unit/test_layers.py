@@ -112,7 +112,7 @@ def test_the_library_does_not_import_the_orchestration():
 
 
 def test_the_config_imports_no_io_module():
-    """The config tree validates shapes only: errors, template fields, URI shapes."""
-    allowed = {"slmflow.errors", "slmflow.textformat", "slmflow.uris"}
+    """The config tree validates shapes only: errors, template fields, URI and path shapes."""
+    allowed = {"slmflow.errors", "slmflow.textformat", "slmflow.uris", "slmflow.pathcheck"}
     imported = {d for d in _graph()["slmflow.config"] if _under(d, "slmflow")} - {"slmflow"}
     assert imported <= allowed, imported - allowed

@@ -1,5 +1,5 @@
 """Olive configs: golden translations of the seed's blocks and an Olive 0.13 config, typos,
-refusals, AzureML offline, the join corpus strategy, and the README table."""
+refusals, AzureML inputs and systems (offline), the join corpus strategy, and docs/olive.md's table."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def test_seed_local_data_block(workdir):
     assert out["data"] == SEED_DATA
 
 
-def test_seed_azureml_data_block_translates_to_the_azureml_target(workdir):
+def test_seed_azureml_data_block_translates_to_a_datastore_file(workdir):
     out, notes = translate_olive(seed(data_configs=asset("seed_data_azureml")["data_configs"]))
     assert out["data"] == {
         "train_file": "azureml://subscriptions/Your Azure Subscrition ID/resourcegroups/Your Azure "
@@ -133,8 +133,8 @@ def test_seed_azureml_data_block_translates_to_the_azureml_target(workdir):
         "label_column": "Best Answer",
         "corpus_strategy": "join", "max_seq_len": 2048, "eval_split": 0.3, "seed": 42,
     }
-    blocked = [n.blocker for n in notes if n.blocker]
-    assert any("AzureML datastore workspaceblobstore" in b for b in blocked)
+    note = next(n for n in notes if n.olive_key.endswith("data_files"))
+    assert "downloaded into the stage store" in note.became and not note.blocker
 
 
 def test_seed_local_model_block(workdir):
@@ -148,7 +148,8 @@ def test_seed_registry_model_block(workdir):
                             "microsoft/Phi-3-mini-4k-instruct", "registry_name": "azureml-msr",
                             "version": "11", "trust_remote_code": True}
     by_key = {n.olive_key: n for n in notes}
-    assert by_key["input_model.config.model_path"].blocker
+    assert not by_key["input_model.config.model_path"].blocker
+    assert "downloaded from the registry" in by_key["input_model.config.model_path"].became
     assert by_key["input_model.config.model_file_format"].became.startswith("noted: ")
     assert "comes from model_path" in by_key["input_model.config.hf_config.model_name"].became
 
@@ -183,7 +184,7 @@ def test_seed_systems_and_engine_blocks(workdir):
     blocked = sorted(n.olive_key for n in notes if n.blocker)
     assert blocked == ["engine.host", "engine.target"]
     aml = [n for n in notes if n.olive_key.startswith("systems.")]
-    assert len(aml) == 9 and all("AzureML target" in n.became for n in aml)
+    assert len(aml) == 9 and all("runs on AzureML through its azureml" in n.became for n in aml)
 
 
 def test_olive_013_config_translates_to_the_golden_dict(workdir):
@@ -364,6 +365,109 @@ def test_a_value_slmflow_rejects_names_the_olive_key_behind_it(workdir):
         load_config(path)
 
 
+# ---- wrong types: found by tests/unit/test_fuzz_configs.py (each crashed the translator) -------
+def _olive013(*path, value) -> dict:
+    config = asset("olive013")
+    node = config
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return config
+
+
+def _both_data_configs(**params) -> dict:
+    config = asset("olive013")
+    for dc in config["data_configs"]:
+        dc["pre_process_data_config"].update(params)
+        if "text_template" not in params:
+            del dc["pre_process_data_config"]["text_template"]
+    return config
+
+
+def _datastore_with_top_client(client) -> dict:
+    """The seed's datastore block with its workspace given at the top level (azureml_client)."""
+    config = seed(**asset("seed_data_azureml"), azureml_client=client)
+    del config["data_configs"][0]["load_dataset_config"]["params"]["data_files"]["config"][
+        "azureml_client"]
+    return config
+
+
+TRAINING = ("passes", "qlora", "training_args")
+WRONG_TYPES = [  # (id, the minimal config that crashed, the message now)
+    ("warmup-ratio-text", _olive013(*TRAINING, "warmup_ratio", value="0.1"),  # TypeError
+     r"training_args\.warmup_ratio: give a fraction between 0 and 1 \(e\.g\. 0\.1\), got \"0\.1\""),
+    ("warmup-ratio-huge", _olive013(*TRAINING, "warmup_ratio", value=1e308),  # OverflowError
+     r"warmup_ratio: give a fraction between 0 and 1 .*got 1e\+308"),
+    ("warmup-ratio-nan", _olive013(*TRAINING, "warmup_ratio", value=float("nan")),  # ValueError
+     r"warmup_ratio: give a fraction between 0 and 1 .*got NaN"),
+    ("input-model-config-not-mapping", seed(input_model={"type": "PyTorchModel", "config": 1}),
+     r"input_model\.config: expected a mapping, got 1"),  # TypeError
+    ("execution-providers-nested-list", _olive013("execution_providers",
+                                                  value=[["CPUExecutionProvider"]]),
+     r"execution_providers: expected execution provider names, e\.g\. \[\"CPUExecutionProvider\"\]"),
+    ("execution-providers-mapping", _olive013("execution_providers", value={"a": 1}),  # KeyError
+     r"execution_providers: expected execution provider names"),
+    ("strategy-list", _both_data_configs(strategy=["join"], text_template=TEMPLATE),  # unhashable
+     r"strategy: unknown strategy '\[\"join\"\]'; did you mean 'join'\?"),
+    ("train-data-config-list", _olive013("passes", "qlora", "train_data_config",
+                                         value=["tones_train"]),  # unhashable
+     r"train_data_config: unknown data config '\[\"tones_train\"\]'; did you mean 'tones_train'"),
+    ("target-list", _olive013("target", value=["local_system"]),  # unhashable
+     r"target: unknown system '\[\"local_system\"\]'; did you mean 'local_system'"),
+    ("azureml-client-not-mapping", _datastore_with_top_client([1]),  # AttributeError
+     r"azureml_client: expected a mapping \(subscription_id, resource_group, workspace_name\)"),
+    ("accelerator-providers-number", _olive013("systems", "local_system", "accelerators",
+                                               value=[{"device": "cpu", "execution_providers": 5}]),
+     r"accelerators\[0\]\.execution_providers: expected execution provider names.*got 5"),
+    ("text-cols-empty", _both_data_configs(text_cols=[]),  # IndexError
+     r"text_cols: expected a column name or a list of them, e\.g\. \[\"phrase\", \"tone\"\], got \[\]"),
+    ("text-cols-numbers", _both_data_configs(text_cols=[1, 2]),  # TypeError
+     r"text_cols: expected a column name or a list of them.*got \[1, 2\]"),
+    ("builder-option-dotted", _olive013("passes", "builder", value={
+        "type": "ModelBuilder", "int4_is_symmetric": True, "extra_options": {"is_symmetric.x": 1}}),
+     r"extra_options\.is_symmetric\.x: a builder option is a name without dots"),
+    ("yaml-number-key", {**asset("olive013"), 1: 1},  # YAML's 1: crashed nearest_key
+     r": 1: unknown Olive key '1'; valid: "),
+    ("data-name-a-path", _olive013("data_configs", 0, "load_dataset_config",
+                                   value={"data_name": "/"}),  # hf:/ made datasets scan the disk
+     r"data_name: expected json, csv, parquet or a Hugging Face dataset id \(NAME or ORG/NAME\), got '/'"),
+]
+
+
+@pytest.mark.parametrize("config, match", [c[1:] for c in WRONG_TYPES], ids=[c[0] for c in WRONG_TYPES])
+def test_a_wrong_typed_olive_value_is_one_error_naming_the_key(workdir, config, match):
+    with pytest.raises(ConfigError, match=match):
+        translate_olive(config, "cfg")
+
+
+def test_a_wrong_typed_max_steps_is_named_by_config_validation(workdir):
+    """max_steps "ten" beside num_train_epochs crashed the epochs handler ('<=' on a str)."""
+    config = _edit(seed(engine=local_engine()), "passes.lora.config.training_args.max_steps", "ten")
+    with pytest.raises(ConfigError, match=r"finetune\.max_steps \(from Olive passes\.lora\.config\."
+                                          r"training_args\.max_steps\): Input should be a valid integer"):
+        load_config(write(workdir / "olive.json", config))
+
+
+def test_a_yaml_date_is_shown_in_the_notes(workdir):
+    """YAML reads 2024-01-01 as a date, which the notes' JSON could not show."""
+    import datetime
+
+    _, notes = translate_olive({**asset("olive013"), "workflow_id": datetime.date(2024, 1, 1)})
+    shown = [str(n) for n in notes if n.olive_key == "workflow_id"]
+    assert shown == [("workflow_id: \"2024-01-01\" → noted: Olive's run name; slmflow names a run "
+                      "by output_dir")]
+
+
+def test_the_translator_does_not_import_configio():
+    """configio imports olive (load_config translates Olive configs), never the reverse."""
+    import subprocess
+    import sys
+
+    code = "import sys, slmflow.olive; print('slmflow.configio' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+
+
 def test_not_an_olive_config():
     assert is_olive_config({"passes": {}}) and is_olive_config({"input_model": {}})
     assert not is_olive_config({"finetune": {"r": 8}})
@@ -372,37 +476,75 @@ def test_not_an_olive_config():
 
 
 # ---- AzureML, offline --------------------------------------------------------------------------
-AZURE = r"this Olive config asks for AzureML \({}\), but the AzureML target is not available in " \
-        r"this build, so nothing was run; to run locally, download the model and the data"
+AZURE = (r"this Olive config asks to run on AzureML \({}\), so nothing was run: slmflow runs on "
+         r"AzureML through its azureml Prefect work pool \(deployment slmflow-pipeline/azureml, see "
+         r"infra/azureml/README\.md\), not through Olive systems; to run this config here, remove "
+         r"{} or name a LocalSystem there")
 
 
 def test_azureml_host_and_target_stop_the_run_before_any_work(workdir, capsys):
     from slmflow.cli import main
 
     path = write(workdir / "olive-config.json", asset("seed_full"))
-    match = AZURE.format(r"engine\.host: AzureML system 'aml'; engine\.target: AzureML system 'aml'")
+    match = AZURE.format(r"engine\.host: AzureML system 'aml'; engine\.target: AzureML system 'aml'",
+                         r"engine\.host and engine\.target")
     with pytest.raises(ConfigError, match=match):
         load_config(path)
     assert main(["run", "--config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err and "AzureML target" in err
+    assert err.count("\n") == 1 and "Traceback" not in err and "slmflow-pipeline/azureml" in err
     assert not (workdir.parent / "model-cache").exists()
 
 
-def test_azureml_registry_model_stops_the_run(workdir):
+@pytest.mark.parametrize("where", ["workflow_host", "passes.lora.host", "engine.target"])
+def test_any_key_that_runs_on_an_azureml_system_stops_the_run(workdir, where):
+    config = seed(engine=local_engine())
+    *parents, last = where.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[last] = "azure_arc"
+    _, notes = translate_olive(config)
+    with pytest.raises(ConfigError, match=AZURE.format(rf"{where}: AzureML system 'azure_arc'",
+                                                       where.replace(".", r"\."))):
+        check_runnable(notes, "cfg")
+
+
+def test_azureml_registry_model_translates_into_an_azureml_registry_source(workdir):
     config = seed(input_model=asset("seed_model_registry")["input_model"], engine=local_engine())
-    path = write(workdir / "olive-config.json", config)
-    match = AZURE.format(r"input_model\.config\.model_path: registry model "
-                         r"azureml-msr/microsoft/Phi-3-mini-4k-instruct:11")
-    with pytest.raises(ConfigError, match=match):
-        load_config(path)
+    config = load_config(write(workdir / "olive-config.json", config))
+    assert (config.model.source, config.model.name_or_path, config.model.registry_name,
+            config.model.version) == ("azureml_registry", "microsoft/Phi-3-mini-4k-instruct",
+                                      "azureml-msr", "11")
+    assert any(n.startswith("input_model.config.model_path: ") for n in config.notes)
 
 
-def test_azureml_datastore_stops_the_run(workdir):
+def test_azureml_registry_uri_translates_into_its_parts(workdir):
+    config = seed(engine=local_engine())
+    config["input_model"]["config"]["model_path"] = (
+        "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/15")
+    out, notes = translate_olive(config)
+    assert out["model"] == {"source": "azureml_registry", "name_or_path": "Phi-3-mini-4k-instruct",
+                            "registry_name": "azureml", "version": "15", "trust_remote_code": True}
+    check_runnable(notes)
+
+
+def test_azureml_datastore_translates_into_a_datastore_file(workdir):
     config = seed(data_configs=asset("seed_data_azureml")["data_configs"], engine=local_engine())
-    path = write(workdir / "olive-config.json", config)
-    with pytest.raises(ConfigError, match=AZURE.format(r".*AzureML datastore workspaceblobstore")):
-        load_config(path)
+    config = load_config(write(workdir / "olive-config.json", config))
+    assert config.data.train_file.startswith(
+        "azureml://subscriptions/Your Azure Subscrition ID/resourcegroups/")
+    assert config.data.labels == ["Sad", "Joy", "Fear", "Surprise"]  # not read from the datastore
+
+
+def test_azureml_datastore_without_a_client_is_the_short_form(workdir):
+    data_configs = asset("seed_data_azureml")["data_configs"]
+    files = data_configs[0]["load_dataset_config"]["params"]["data_files"]
+    del files["config"]["azureml_client"]
+    out, notes = translate_olive(seed(data_configs=data_configs, engine=local_engine()))
+    assert out["data"]["train_file"] == ("azureml://datastores/workspaceblobstore/paths/Your "
+                                         "train_data.json Azure ML Location")
+    check_runnable(notes)
 
 
 def test_convert_olive_shows_an_azureml_config(workdir, capsys):
@@ -413,7 +555,8 @@ def test_convert_olive_shows_an_azureml_config(workdir, capsys):
     out = capsys.readouterr().out
     assert out.startswith("model:\n  source: hf\n") and "corpus_strategy: join" in out
     assert "| passes.lora.config.lora_alpha | 64 | finetune.alpha = 64" in out
-    assert "not runnable in this build" in out and "notes:" not in out
+    assert "not runnable here: " in out and "slmflow-pipeline/azureml" in out
+    assert "notes:" not in out
 
 
 def test_the_seed_config_runs_locally_without_host_and_target(workdir):
@@ -448,8 +591,8 @@ def test_join_chunks_concatenates_rows_with_eos_and_cuts_chunks():
     assert [len(c["input_ids"]) for c in capped] == [10, 10]  # a 1-token chunk has no target
 
 
-# ---- README -------------------------------------------------------------------------------------
-def test_readme_olive_table_is_current():
-    assert olive_reference() in (REPO / "README.md").read_text(), (
-        "README's Olive table is stale: regenerate it with slmflow.olive.olive_reference()"
+# ---- docs/olive.md -------------------------------------------------------------------------------
+def test_docs_olive_table_is_current():
+    assert olive_reference() in (REPO / "docs" / "olive.md").read_text(), (
+        "docs/olive.md's table is stale: regenerate it with slmflow.olive.olive_reference()"
     )

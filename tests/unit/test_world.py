@@ -81,3 +81,18 @@ def test_the_adapter_key_counts_the_world_size_not_the_launch(monkeypatch, tmp_p
 def test_the_report_field_says_what_the_global_batch_is():
     field = PipelineConfig.model_fields["finetune"].annotation.model_fields["batch_size"]
     assert "global batch is batch_size × gradient_accumulation_steps × world size" in field.description
+
+
+def test_a_cuda_fine_tune_on_a_machine_without_gpu_stops_before_any_work(tiny_model, tmp_path, capsys):
+    import torch
+
+    from slmflow.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["validate", "--set", "model.source=hf", "--set", f"model.name_or_path={tiny_model}",
+                 "--set", "finetune.target_modules=[qkv_proj,o_proj]", "--set", "finetune.device=cuda",
+                 "--set", f"output_dir={tmp_path / 'out'}"]) == 2
+    assert capsys.readouterr().err == ("error: finetune.device=cuda but no CUDA device is visible; "
+                                       "use auto or cpu\n")
+    assert not (tmp_path / "out").exists()
