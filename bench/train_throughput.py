@@ -44,7 +44,8 @@ def hand_loop(cfg, folder: Path, rows: list[dict], batches: list[list[int]]) -> 
     import torch
     from transformers import AutoTokenizer, get_scheduler
 
-    from slmflow.stages.finetune import _collate, load_for_training
+    from slmflow.stages.finetune import load_for_training
+    from slmflow.trainer import collate_padded
 
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -57,7 +58,7 @@ def hand_loop(cfg, folder: Path, rows: list[dict], batches: list[list[int]]) -> 
                             eps=1e-8, weight_decay=cfg.weight_decay)
     sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps,
                           num_training_steps=len(batches))
-    collate = _collate(pad_id)
+    collate = collate_padded(pad_id)
     load_seconds = time.perf_counter() - t0
     losses = []
     start = time.perf_counter()

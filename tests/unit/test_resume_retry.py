@@ -9,8 +9,8 @@ import pytest
 
 from slmflow.artifacts import read_verified
 from slmflow.errors import ConfigError, DataError, StageCheckError
-from slmflow.stages.finetune import last_checkpoint
 from slmflow.store import Store
+from slmflow.trainer import last_checkpoint
 
 
 def _checkpoint(folder: Path, step: int, state: str | None) -> None:
