@@ -25,11 +25,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def bench_model(name: str, ref, rows, labels, batch_sizes, max_new_tokens: int) -> list[dict]:
-    from slmflow.generate import generate_answers, load_generator
+    from slmflow.generate import generate_answers, load_backend
     from slmflow.stages.evaluate import parse_answer
 
     t0 = time.perf_counter()
-    generate, tokenizer, folder = load_generator(ref)
+    backend = load_backend(ref)
+    generate, tokenizer, folder = backend.generate, backend.tokenizer, backend.folder
     load_seconds = time.perf_counter() - t0
     longest = max(len(tokenizer(lab, add_special_tokens=False)["input_ids"]) for lab in labels)
     max_new = min(max_new_tokens, longest + 1)

@@ -61,26 +61,14 @@ def run_pipeline(config: PipelineConfig, run: Runner, publish: Callable[[dict, P
     merged = stage("merge", "merge", config.merge, base=base, adapter=adapter, data=data,
                    trust_remote_code=config.model.trust_remote_code)
 
-    def evaluate(model: ArtifactRef, label: str) -> ArtifactRef:
-        return stage(label, "evaluate", config.evaluate, model=model, data=data,
-                     labels=config.data.labels, trust_remote_code=config.model.trust_remote_code)
-
-    evaluations = {"base": evaluate(base, "evaluate_base"),
-                   "merged": evaluate(merged, "evaluate_merged")}
-    search = None
-    if config.export.recipe == "auto":  # every candidate exported and evaluated, one kept
-        onnx, evaluations["exported"], search = search_export_recipe(
-            config, stage, evaluate, merged, data, evaluations["merged"])
-    else:
-        onnx = stage("export", "export", config.export, merged=merged, data=data)
-        evaluations["exported"] = evaluate(onnx, "evaluate_exported")
-
+    sets, onnx, search = evaluate_and_export(config, inputs, stage, base, data, merged)
     refs = {"base_model": base, "prepare_data": data, "finetune": adapter, "merge": merged,
             "export": onnx}
     sources = {"model_source": inputs.model_source, "train_source": inputs.train_source,
-               "eval_source": inputs.eval_source}
+               "eval_source": inputs.eval_source,
+               **{f"extra_eval[{name}]": ref for name, ref in inputs.extra_sources.items()}}
     model_dir = publish_model(onnx, out_dir, build_manifest(config, sources, refs))
-    report = build_report(config, data, adapter, merged, onnx, evaluations, timings,
+    report = build_report(config, data, adapter, merged, onnx, sets, timings,
                           total_seconds=time.perf_counter() - started, exported_dir=model_dir,
                           search=search)
     path = write_report(report, out_dir)
@@ -107,15 +95,51 @@ def check_quality_gate(report: dict[str, Any], path: Path) -> None:
         )
 
 
+def evaluate_and_export(
+    config: PipelineConfig, inputs: RunInputs, stage: Callable[..., ArtifactRef],
+    base: ArtifactRef, data: ArtifactRef, merged: ArtifactRef,
+) -> tuple[dict[str, dict[str, ArtifactRef]], ArtifactRef, dict[str, Any] | None]:
+    """Base and merged evaluated on every set (the split, then each of evaluate.extra_files,
+    prepared with its own key), the export (or the recipe search, judged on the gate's set),
+    then the exported model on every set; (sets, the export, the search)."""
+
+    def evaluate(model: ArtifactRef, label: str, on: ArtifactRef = data) -> ArtifactRef:
+        return stage(label, "evaluate", config.evaluate, model=model, data=on,
+                     labels=config.data.labels, trust_remote_code=config.model.trust_remote_code)
+
+    def label(who: str, name: str) -> str:
+        return f"evaluate_{who}" if name == "eval" else f"evaluate_{who}[{name}]"
+
+    prepared = {"eval": data} | {
+        name: stage(f"prepare_data[{name}]", "prepare_data", config.data, base=base,
+                    train_source=inputs.train_source, eval_source=source,
+                    loss_on=config.finetune.loss_on)
+        for name, source in inputs.extra_sources.items()}
+    sets = {name: {who: evaluate(model, label(who, name), on)
+                   for who, model in (("base", base), ("merged", merged))}
+            for name, on in prepared.items()}
+    gate, search = config.evaluate.gate_set, None
+    if config.export.recipe == "auto":  # every candidate exported and evaluated, one kept
+        onnx, _, search = search_export_recipe(
+            config, stage, evaluate, merged, data, prepared[gate], sets[gate]["merged"])
+    else:
+        onnx = stage("export", "export", config.export, merged=merged, data=data)
+    for name, on in prepared.items():
+        sets[name]["exported"] = evaluate(onnx, label("exported", name), on)
+    return sets, onnx, search
+
+
 def search_export_recipe(
     config: PipelineConfig,
     stage: Callable[..., ArtifactRef],
-    evaluate: Callable[[ArtifactRef, str], ArtifactRef],
+    evaluate: Callable[..., ArtifactRef],
     merged: ArtifactRef,
     data: ArtifactRef,
+    gate_data: ArtifactRef,
     merged_eval: ArtifactRef,
 ) -> tuple[ArtifactRef, ArtifactRef, dict[str, Any]]:
-    """Export and evaluate each candidate recipe; (chosen export, its evaluation, the search).
+    """Export and evaluate each candidate recipe on the gate's set; (chosen export, its
+    evaluation, the search).
 
     With no candidate within the gate, the most accurate one stands in (so the report is
     complete) and `summary["chosen"]` is None: the run then fails listing every candidate.
@@ -132,7 +156,8 @@ def search_export_recipe(
         try:
             onnx = stage(f"export[{name}]", "export", recipes.candidate_config(config.export, name),
                          merged=merged, data=data)
-            evaluation = evaluate(onnx, f"evaluate_exported[{name}]")
+            suffix = "" if gate_data is data else f"[{config.evaluate.gate_set}]"
+            evaluation = evaluate(onnx, f"evaluate_exported[{name}]{suffix}", gate_data)
             built[name] = (onnx, evaluation)
         except Exception as exc:  # noqa: BLE001 - a broken candidate is a finding, not the end
             error = f"{type(exc).__name__}: {exc}"
@@ -181,10 +206,13 @@ def publish_artifacts(report: dict, path: Path) -> None:
     """The report's tables and Markdown as Prefect artifacts of the flow run."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from slmflow.report import model_table, render_markdown, stage_table
+    from slmflow.report import fidelity_table, model_table, render_markdown, stage_table
 
     create_table_artifact(model_table(report["models"]), key="slmflow-models",
                           description="Accuracy, latency and size of base, merged and exported")
+    create_table_artifact(fidelity_table(report["sets"]), key="slmflow-fidelity",
+                          description="Exported vs merged on every eval set: accuracy with 95% "
+                          "interval, agreement, label KL, McNemar p")
     create_table_artifact(stage_table(report["stages"]), key="slmflow-stages",
                           description="Seconds per stage and whether it was cached")
     if report.get("export_search"):

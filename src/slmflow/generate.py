@@ -1,7 +1,10 @@
-"""Greedy answers from a model: PyTorch for transformers folders, onnxruntime-genai for ONNX.
+"""Answers and label scores from a model: PyTorch for transformers folders, onnxruntime-genai for
+exported ones.
 
-Prompts of the same token length are generated together (up to BATCH_SIZE, never padded), which
-gives each row the answer it gets alone. The evaluation stage and the export's smoke test use it.
+Greedy answers: prompts of the same token length are generated together (up to BATCH_SIZE, never
+padded), which gives each row the answer it gets alone. Label scores: each label's tokens
+teacher-forced after the prompt, the sum of their log-probabilities (`slmflow.fidelity`
+normalizes them over the label set). The evaluation stage and the export's smoke test use it.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +42,30 @@ def length_batches(lengths: list[int], size: int) -> list[list[int]]:
     return [rows[i:i + size] for _, rows in sorted(by_length.items()) for i in range(0, len(rows), size)]
 
 
-def torch_generator(folder: Path, trust_remote_code: bool = False) -> tuple[Generator, Any]:
-    """Greedy continuation of equal-length prompts with a transformers model (fp32, CPU or CUDA)."""
+LabelScorer = Callable[[list[int], list[list[int]]], list[float]]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A loaded model: greedy answers, label scores, its tokenizer (HF: the same prompt ids for
+    every backend) and its folder."""
+
+    generate: Generator  # (equal-length prompts, max new tokens) -> new tokens of each
+    score_labels: LabelScorer  # (prompt, each label's tokens) -> each label's log-probability
+    tokenizer: Any
+    folder: Path
+    engine: Any = None  # onnxruntime-genai's Model, for its own tokenizer
+
+
+def _log_softmax(logits: Any) -> Any:
+    import numpy as np
+
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def torch_backend(folder: Path, trust_remote_code: bool = False) -> Backend:
+    """A transformers model (fp32, CPU or CUDA): batched greedy answers, teacher-forced labels."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,13 +91,27 @@ def torch_generator(folder: Path, trust_remote_code: bool = False) -> tuple[Gene
             )
         return [_until_eos(row[ids.shape[1]:].tolist(), {eos}) for row in out]
 
-    return generate, tokenizer
+    def score_labels(prompt: list[int], labels: list[list[int]]) -> list[float]:
+        width = len(prompt) + max(len(lab) for lab in labels)
+        ids = [prompt + lab + [pad] * (width - len(prompt) - len(lab)) for lab in labels]
+        mask = [[1] * (len(prompt) + len(lab)) + [0] * (width - len(prompt) - len(lab))
+                for lab in labels]  # padding on the right: the scored positions never see it
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor(ids, device=device),
+                           attention_mask=torch.tensor(mask, device=device)).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return [sum(float(logp[k, len(prompt) - 1 + i, t]) for i, t in enumerate(lab))
+                for k, lab in enumerate(labels)]
+
+    return Backend(generate, score_labels, tokenizer, folder)
 
 
-def onnx_generator(folder: Path) -> tuple[Generator, Any]:
-    """Greedy continuation of equal-length prompts with onnxruntime-genai, and its tokenizer."""
+def onnx_backend(folder: Path) -> Backend:
+    """An exported model on onnxruntime-genai: batched greedy answers, teacher-forced labels (the
+    prompt's cache kept, each label appended and rewound)."""
     import numpy as np
     import onnxruntime_genai as og
+    from transformers import AutoTokenizer
 
     model = og.Model(str(folder))
     eos_cfg = json.loads((folder / "genai_config.json").read_text())["model"]["eos_token_id"]
@@ -97,21 +137,34 @@ def onnx_generator(folder: Path) -> tuple[Generator, Any]:
                     new[i].append(int(token))
         return new
 
-    return generate, og.Tokenizer(model)
+    def score_labels(prompt: list[int], labels: list[list[int]]) -> list[float]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + max(len(lab) for lab in labels) + 1,
+                                  batch_size=1)
+        gen = og.Generator(model, params)
+        gen.append_tokens(np.asarray([prompt], dtype=np.int32))
+        first = _log_softmax(gen.get_output("logits")[0, -1])
+        scores = []
+        for lab in labels:
+            score = float(first[lab[0]])
+            if len(lab) > 1:
+                gen.append_tokens(np.asarray([lab[:-1]], dtype=np.int32))
+                rest = _log_softmax(gen.get_output("logits")[0])
+                score += sum(float(rest[i, t]) for i, t in enumerate(lab[1:]))
+                gen.rewind_to(len(prompt))
+            scores.append(score)
+        return scores
+
+    return Backend(generate, score_labels, AutoTokenizer.from_pretrained(folder), folder, model)
 
 
-def load_generator(model: ArtifactRef, trust_remote_code: bool = False) -> tuple[Generator, Any, Path]:
-    """The generator, an HF tokenizer (the same prompt ids for every backend) and the model folder."""
-    from transformers import AutoTokenizer
-
+def load_backend(model: ArtifactRef, trust_remote_code: bool = False) -> Backend:
+    """The backend of a base/merged model folder (PyTorch) or an exported one (onnxruntime-genai)."""
     from slmflow.folders import model_dir
 
     if model.kind == "onnx_model":
-        generate, _ = onnx_generator(model.path)
-        return generate, AutoTokenizer.from_pretrained(model.path), model.path
-    folder = model_dir(model)
-    generate, tokenizer = torch_generator(folder, trust_remote_code)
-    return generate, tokenizer, folder
+        return onnx_backend(model.path)
+    return torch_backend(model_dir(model), trust_remote_code)
 
 
 def generate_answers(

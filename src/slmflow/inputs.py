@@ -67,6 +67,8 @@ class RunInputs(BaseModel):
     model_source: ArtifactRef
     train_source: ArtifactRef
     eval_source: ArtifactRef | None = None
+    extra_sources: dict[str, ArtifactRef] = Field(
+        default_factory=dict, description="Extra eval sets by name (evaluate.extra_files).")
     model_facts: dict[str, Any] | None = Field(
         None, description="Architecture, parameters and linear modules, from headers; None for a "
         "model not on this machine yet (a hub id, a registry model).")

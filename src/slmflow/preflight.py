@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from slmflow.artifacts import ArtifactRef, stable_hash
-from slmflow.config import BaseModelConfig, PipelineConfig
+from slmflow.config import BaseModelConfig, PipelineConfig, eval_set_name
 from slmflow.dataio import load_examples
 from slmflow.errors import ConfigError, DataError
 from slmflow.inputs import RunInputs, data_source, model_source, model_source_path
@@ -168,8 +168,10 @@ def store_for(config: PipelineConfig) -> Store:
 
 def fingerprint(config: PipelineConfig) -> str:
     """What a run's resolved inputs depend on: model, data, where outputs go."""
-    return stable_hash({k: config.model_dump(mode="json")[k] for k in (
-        "model", "data", "output_dir", "cache_dir", "cache_remote")})
+    dumped = config.model_dump(mode="json")
+    return stable_hash({**{k: dumped[k] for k in ("model", "data", "output_dir", "cache_dir",
+                                                  "cache_remote")},
+                        "extra_eval_files": config.extra_eval_files()})
 
 
 def check_rows_per_label(config: PipelineConfig, where: str, rows: list[dict[str, Any]]) -> None:
@@ -201,6 +203,10 @@ def validate_run(config: PipelineConfig) -> RunInputs:
                 if config.data.eval_file else None)
     train_rows = load_examples(train_src.uri, config.data)
     eval_rows = load_examples(eval_src.uri, config.data) if eval_src else None
+    extra = {}
+    for i, spec in enumerate(config.extra_eval_files()):
+        extra[eval_set_name(spec)] = data_source(spec, f"evaluate.extra_files[{i}]", store)
+        load_examples(extra[eval_set_name(spec)].uri, config.data)  # every row checked now
     if eval_rows is None:
         check_rows_per_label(config, train_src.uri, train_rows)
     model_src = model_source(config.model)  # last: hashing a large local model takes a while
@@ -208,6 +214,7 @@ def validate_run(config: PipelineConfig) -> RunInputs:
         check_hub_model(config.model, model_src, store)
     return RunInputs(
         fingerprint=fingerprint(config), store=store, output_dir=str(output_dir),
-        model_source=model_src, train_source=train_src, eval_source=eval_src, model_facts=facts,
+        model_source=model_src, train_source=train_src, eval_source=eval_src,
+        extra_sources=extra, model_facts=facts,
         train_rows=len(train_rows), eval_rows=len(eval_rows) if eval_rows is not None else None,
     )

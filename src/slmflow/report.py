@@ -137,9 +137,20 @@ def _search_section(search: dict[str, Any] | None, inline: bool) -> list[str]:
             _image("recipe search", "recipe_search.svg", search_svg(search), inline)]
 
 
+def _gate_line(gate: dict[str, Any]) -> str:
+    verdict = "passed" if gate["passed"] else "FAILED"
+    line = (f"Quality gate {verdict} on {gate.get('set', 'eval')}: exported accuracy "
+            f"{gate['exported_accuracy']:.4f} vs merged {gate['merged_accuracy']:.4f} (drop "
+            f"{gate['drop']:.4f}, allowed {gate['max_accuracy_drop']}).")
+    if "mcnemar_p" in gate:
+        line += (f" Agreement {gate['agreement']:.4f}; McNemar p = {gate['mcnemar_p']:.3f}: the "
+                 + ("difference is within noise on this many rows." if gate["within_noise"]
+                    else "difference is beyond noise."))
+    return line
+
+
 def render_markdown(report: dict[str, Any], inline_images: bool = False) -> str:
     gate = report["quality_gate"]
-    verdict = "passed" if gate["passed"] else "FAILED"
     exported = report["models"].get("exported")
     confusion = _image("confusion", "confusion_exported.svg", confusion_svg(
         exported["confusion"], "exported model: true label vs answer") if exported else "",
@@ -150,8 +161,8 @@ def render_markdown(report: dict[str, Any], inline_images: bool = False) -> str:
         f"# slmflow report: {report['name']}",
         f"Exported model: `{report['exported_model_dir']}`",
         "## Models on the eval split\n\n" + _md_table(model_table(report["models"])),
-        (f"Quality gate {verdict}: exported accuracy {gate['exported_accuracy']:.4f} vs merged "
-        f"{gate['merged_accuracy']:.4f} (drop {gate['drop']:.4f}, allowed {gate['max_accuracy_drop']})."),
+        _gate_line(gate),
+        *_fidelity_section(report),
         *_search_section(report.get("export_search"), inline_images),
         "## Confusion matrix (exported)\n\n" + confusion,
         (f"## Training\n\n{report['training'].get('steps')} steps, final loss "
@@ -165,30 +176,41 @@ def render_markdown(report: dict[str, Any], inline_images: bool = False) -> str:
 
 
 def build_report(
-    config, data, adapter, merged, onnx, evaluations, timings, total_seconds, exported_dir=None,
+    config, data, adapter, merged, onnx, sets, timings, total_seconds, exported_dir=None,
     search=None,
 ) -> dict[str, Any]:
-    """The report of one run, from the stage references (all small, all JSON)."""
-    from slmflow import __version__
+    """The report of one run, from the stage references (all small, all JSON).
 
-    models = {name: ref.meta for name, ref in evaluations.items()}
-    merged_acc = models["merged"]["accuracy"]
-    exported_acc = models["exported"]["accuracy"]
-    drop = merged_acc - exported_acc
+    `sets`: eval set name ("eval", then the extra sets) → model name → evaluation reference.
+    """
+    from slmflow import __version__
+    from slmflow.fidelity import summarize_set
+
+    summaries = {name: summarize_set(evals) for name, evals in sets.items()}
+    gate_set = config.evaluate.gate_set
+    judged = summaries[gate_set]
+    merged_acc = judged["models"]["merged"]["accuracy"]
+    exported_acc = judged["models"]["exported"]["accuracy"]
+    fid = judged["fidelity"]["exported_vs_merged"]
     loss_file = Path(adapter.uri) / "train_log.json"
     return {
         "name": Path(config.output_dir).name,
         "slmflow_version": __version__,
-        "models": models,
+        "models": summaries["eval"]["models"],
+        "sets": summaries,
         "exported_model_dir": str(exported_dir or onnx.uri),
         "merged_model_dir": str(Path(merged.uri) / "model"),
         "adapter_dir": adapter.uri,
         "quality_gate": {
+            "set": gate_set,
             "merged_accuracy": merged_acc,
             "exported_accuracy": exported_acc,
-            "drop": round(drop, 6),
+            "drop": round(merged_acc - exported_acc, 6),
             "max_accuracy_drop": config.evaluate.max_accuracy_drop,
             "passed": gate_passed(merged_acc, exported_acc, config.evaluate.max_accuracy_drop),
+            "agreement": fid["agreement"],
+            "mcnemar_p": fid["mcnemar_p"],
+            "within_noise": fid["difference_within_noise"],
         },
         "data": data.meta,
         "training": {**adapter.meta, "loss_curve": json.loads(loss_file.read_text())},
@@ -199,6 +221,50 @@ def build_report(
         "total_seconds": round(total_seconds, 2),
         "config": config.model_dump(mode="json"),
     }
+
+
+def _accuracy_with_interval(metrics: dict[str, Any]) -> str:
+    lo, hi = metrics.get("accuracy_ci95") or (None, None)
+    return f"{metrics['accuracy']:.4f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else "")
+
+
+def fidelity_table(sets: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per eval set: both models' accuracy with its 95% interval, and how the exported model
+    answers against the merged one."""
+    rows = []
+    for name, summary in sets.items():
+        models, fid = summary["models"], summary["fidelity"].get("exported_vs_merged")
+        if not fid:
+            continue
+        rows.append({
+            "set": name, "rows": fid["rows"], "merged": _accuracy_with_interval(models["merged"]),
+            "exported": _accuracy_with_interval(models["exported"]),
+            "agreement": round(fid["agreement"], 4),
+            "label_kl_mean": _num(fid["label_kl_mean"], 5), "label_kl_p95": _num(fid["label_kl_p95"], 5),
+            "mcnemar_p": round(fid["mcnemar_p"], 4), "disagree": len(fid["disagreements"]),
+        })
+    return rows
+
+
+def _fidelity_section(report: dict[str, Any]) -> list[str]:
+    sets = report.get("sets") or {}
+    if not sets:
+        return []
+    parts = ["## Fidelity of the exported model to the merged one\n\n"
+             "Agreement: rows where both answer the same. Label KL: KL(merged ‖ exported) of the "
+             "two distributions over the labels at the answer position (each label's tokens "
+             "teacher-forced after the prompt, summed log-probabilities, normalized over the "
+             "labels). McNemar p: exact test on the rows only one of them gets right (p ≥ 0.05: "
+             "the accuracy difference is within noise).\n\n" + _md_table(fidelity_table(sets))]
+    for name, summary in sets.items():
+        if name != "eval" and summary["models"]:
+            parts.append(f"### Models on {name}\n\n" + _md_table(model_table(summary["models"])))
+        wrong = (summary["fidelity"].get("exported_vs_merged") or {}).get("disagreements") or []
+        if wrong:
+            shown = [{k: d[k] for k in ("line", "gold", "reference", "model")} for d in wrong[:20]]
+            parts.append(f"Rows of {name} where the exported model answers otherwise than the "
+                         f"merged one ({len(wrong)}; `reference` is merged):\n\n" + _md_table(shown))
+    return parts
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> Path:

@@ -339,9 +339,9 @@ BUILD_MARKERS = {
     "finetune": r"'train_runtime'",
     "merge": r"- merge: max \|logit diff\|",
     "export": r"- export: loads and generates",
-    "evaluate_base": r"- evaluate base_model: accuracy",
-    "evaluate_merged": r"- evaluate merged_model: accuracy",
-    "evaluate_exported": r"- evaluate onnx_model: accuracy",
+    "evaluate_base": r"- evaluate base_model on eval: accuracy",
+    "evaluate_merged": r"- evaluate merged_model on eval: accuracy",
+    "evaluate_exported": r"- evaluate onnx_model on eval: accuracy",
 }
 
 

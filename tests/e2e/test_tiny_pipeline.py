@@ -106,6 +106,36 @@ def test_changing_evaluation_reruns_only_evaluation(first_run):
     assert all(cached[s] for s in STAGES[:5]) and not any(cached[s] for s in STAGES[5:])
 
 
+def test_an_extra_eval_set_is_reported_on_its_own_and_can_hold_the_gate(first_run, tiny_model):
+    config, _, data = first_run
+    other = REPO / "tests" / "assets" / "tones_other.jsonl"
+    changed = _config(tiny_model, Path(config.output_dir), f"data.train_file={data}",
+                      f"evaluate.extra_files=[{other}]", "evaluate.gate_set=tones_other",
+                      "evaluate.limit=24")
+    report = _run(changed)
+    cached = _cached(report)
+    assert all(cached[s] for s in STAGES[:5])  # nothing but evaluations is new
+    assert not cached["prepare_data[tones_other]"] and not cached["evaluate_exported[tones_other]"]
+    assert set(report["sets"]) == {"eval", "tones_other"}
+    for name, summary in report["sets"].items():
+        fid = summary["fidelity"]["exported_vs_merged"]
+        rows = 24 if name == "tones_other" else min(24, report["data"]["eval"]["rows"])
+        assert fid["rows"] == summary["models"]["merged"]["n"] == rows
+        assert 0 <= fid["agreement"] <= 1 and fid["label_kl_mean"] >= 0 and 0 < fid["mcnemar_p"] <= 1
+        assert len(fid["disagreements"]) == round((1 - fid["agreement"]) * fid["rows"])
+        lo, hi = summary["models"]["exported"]["accuracy_ci95"]
+        assert lo <= summary["models"]["exported"]["accuracy"] <= hi
+    gate = report["quality_gate"]
+    assert gate["set"] == "tones_other"
+    assert gate["merged_accuracy"] == report["sets"]["tones_other"]["models"]["merged"]["accuracy"]
+    uri = report["stages"]["evaluate_exported[tones_other]"]["uri"]
+    rows = [json.loads(line) for line in Path(uri, "predictions.jsonl").read_text().splitlines()]
+    assert all(abs(sum(r["label_probs"].values()) - 1) < 1e-3 for r in rows)
+    assert set(rows[0]["label_probs"]) == set(config.data.labels)
+    md = (Path(config.output_dir) / "report.md").read_text()
+    assert "## Fidelity of the exported model to the merged one" in md and "| tones_other |" in md
+
+
 def test_missing_output_folder_is_rebuilt_not_trusted(first_run):
     config, _, _ = first_run
     report = _run(config)  # the first run's config: everything is there (an earlier test's

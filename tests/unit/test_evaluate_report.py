@@ -30,20 +30,29 @@ def _ref(kind, uri, meta):
     return ArtifactRef(kind=kind, uri=str(uri), sha256="0" * 64, key="k", meta=meta)
 
 
-def _metrics(acc):
-    m = score(["Sad", "Joy"], ["Sad", "Joy"] if acc == 1 else ["Sad", "Sad"], LABELS)
-    return m | {"latency_ms_p50": 1.0, "latency_ms_p95": 2.0, "tokens_per_second": 9.0, "size_bytes": 10}
+def _evaluation(folder, acc):
+    """An evaluation folder of two rows, right on both (acc 1) or on the first only (acc 0)."""
+    pred = ["Sad", "Joy"] if acc == 1 else ["Sad", "Sad"]
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"line": i, "gold": g, "pred": p, "answer": p, "label_probs": {g: 0.9, "Fear": 0.1}}
+            for i, (g, p) in enumerate(zip(["Sad", "Joy"], pred))]
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = score(["Sad", "Joy"], pred, LABELS)
+    meta = m | {"latency_ms_p50": 1.0, "latency_ms_p95": 2.0, "tokens_per_second": 9.0,
+                "size_bytes": 10, "accuracy_ci95": [0.2, 1.0]}
+    return _ref("evaluation", folder, meta)
 
 
 def _report(tmp_path, merged_acc, exported_acc, drop=0.02):
     adapter = tmp_path / "adapter"
     adapter.mkdir(exist_ok=True)
     (adapter / "train_log.json").write_text(json.dumps([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]))
-    config = PipelineConfig(evaluate={"max_accuracy_drop": drop}, output_dir=str(tmp_path / "out"))
-    evals = {"base": _ref("evaluation", "b", _metrics(0)), "merged": _ref("evaluation", "m", _metrics(merged_acc)),
-             "exported": _ref("evaluation", "e", _metrics(exported_acc))}
+    config = PipelineConfig(evaluate={"max_accuracy_drop": drop, "extra_files": []},
+                            output_dir=str(tmp_path / "out"))
+    evals = {"base": _evaluation(tmp_path / "b", 0), "merged": _evaluation(tmp_path / "m", merged_acc),
+             "exported": _evaluation(tmp_path / "e", exported_acc)}
     return build_report(config, _ref("dataset", "d", {}), _ref("adapter", adapter, {"steps": 2}),
-                        _ref("merged_model", "m", {}), _ref("onnx_model", "o", {}), evals,
+                        _ref("merged_model", "m", {}), _ref("onnx_model", "o", {}), {"eval": evals},
                         {"finetune": {"seconds": 1.0, "cached": False}}, 3.0)
 
 
@@ -51,6 +60,8 @@ def test_gate_passes_and_fails(tmp_path):
     assert _report(tmp_path, 1, 1)["quality_gate"]["passed"]
     failed = _report(tmp_path, 1, 0)["quality_gate"]
     assert not failed["passed"] and failed["drop"] == 0.5
+    # one row of two: the drop is real here, yet within noise on so few rows
+    assert failed["agreement"] == 0.5 and failed["mcnemar_p"] == 1.0 and failed["within_noise"]
     assert _report(tmp_path, 1, 0, drop=0.5)["quality_gate"]["passed"]
 
 
@@ -61,6 +72,9 @@ def test_report_files(tmp_path):
     assert loaded["models"]["exported"]["accuracy"] == 1.0 and loaded["exported_model_dir"] == "o"
     md = (tmp_path / "out" / "report.md").read_text()
     assert "confusion_exported.svg" in md and "loss_curve.svg" in md and "| Exported (ONNX) |" in md
+    assert "## Fidelity of the exported model to the merged one" in md
+    assert "| eval | 2 | 1.0000 [0.200, 1.000] | 1.0000 [0.200, 1.000] | 1.0 |" in md
+    assert "McNemar p = 1.000: the difference is within noise" in md
     assert (tmp_path / "out" / "confusion_exported.svg").read_text().startswith("<svg")
 
 

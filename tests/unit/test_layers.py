@@ -114,5 +114,7 @@ def test_the_library_does_not_import_the_orchestration():
 def test_the_config_imports_no_io_module():
     """The config tree validates shapes only: errors, template fields, URI and path shapes."""
     allowed = {"slmflow.errors", "slmflow.textformat", "slmflow.uris", "slmflow.pathcheck"}
-    imported = {d for d in _graph()["slmflow.config"] if _under(d, "slmflow")} - {"slmflow"}
+    graph = _graph()
+    imported = {d for m, deps in graph.items() if _under(m, "slmflow.config") for d in deps
+                if _under(d, "slmflow") and not _under(d, "slmflow.config")} - {"slmflow"}
     assert imported <= allowed, imported - allowed

@@ -62,47 +62,63 @@ def _percentile(values: list[float], q: float) -> float:
 
 def key_config(cfg: EvaluateConfig, labels: list[str], split: str, **_: Any) -> dict[str, Any]:
     """What an evaluation depends on: not the quality gate, which judges it afterwards."""
-    return {"evaluate": cfg.model_dump(mode="json", exclude={"max_accuracy_drop"}),
+    judged_after = {"max_accuracy_drop", "extra_files", "gate_set"}
+    return {"evaluate": cfg.model_dump(mode="json", exclude=judged_after),
             "labels": labels, "split": split}
+
+
+def label_probabilities(backend, prompts: list[list[int]], labels: list[str]) -> list[dict[str, float]]:
+    """Each row's distribution over the label set at the answer position (`slmflow.fidelity`)."""
+    from slmflow.fidelity import normalized
+
+    label_ids = [backend.tokenizer(lab, add_special_tokens=False)["input_ids"] for lab in labels]
+    return [normalized(dict(zip(labels, backend.score_labels(prompt, label_ids))))
+            for prompt in prompts]
 
 
 def build(cfg: EvaluateConfig, ws: Workspace, model: ArtifactRef, data: ArtifactRef,
           labels: list[str], split: str, trust_remote_code: bool) -> dict[str, Any]:
     """Evaluate one model (base_model, merged_model or onnx_model) on a prepared split."""
+    from slmflow.fidelity import wilson_interval
     from slmflow.folders import read_split
-    from slmflow.generate import BATCH_SIZE, generate_answers, load_generator
+    from slmflow.generate import BATCH_SIZE, generate_answers, load_backend
 
     rows = read_split(data, split)[: cfg.limit]
-    generate, tokenizer, folder = load_generator(model, trust_remote_code)
+    backend = load_backend(model, trust_remote_code)
+    tokenizer = backend.tokenizer
     longest = max(len(tokenizer(lab, add_special_tokens=False)["input_ids"]) for lab in labels)
     max_new = min(cfg.max_new_tokens, longest + 1)
     prompts = [tokenizer(row["prompt"])["input_ids"] for row in rows]
-    generate([prompts[0]], max_new)  # warm-up, not timed
+    backend.generate([prompts[0]], max_new)  # warm-up, not timed
     started = time.perf_counter()
-    new, latencies = generate_answers(generate, prompts, max_new)
+    new, latencies = generate_answers(backend.generate, prompts, max_new)
     seconds = time.perf_counter() - started
+    probs = label_probabilities(backend, prompts, labels)
     gold, pred, n_tokens = [], [], 0
     with open(ws.out / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for row, tokens in zip(rows, new):
+        for row, tokens, p in zip(rows, new, probs):
             n_tokens += len(tokens)
             answer = tokenizer.decode(tokens, skip_special_tokens=True)
             gold.append(row["label"])
             pred.append(parse_answer(answer, labels))
             f.write(json.dumps({"line": row["line"], "gold": row["label"], "pred": pred[-1],
-                                "answer": answer}, ensure_ascii=False) + "\n")
+                                "answer": answer, "label_probs": {k: round(v, 6) for k, v in p.items()}},
+                               ensure_ascii=False) + "\n")
     metrics = score(gold, pred, labels)
+    correct = sum(g == p for g, p in zip(gold, pred))
     metrics.update(
         model_kind=model.kind,
         split=split,
+        accuracy_ci95=[round(x, 4) for x in wilson_interval(correct, len(gold))],
         latency_ms_p50=round(1000 * _percentile(latencies, 0.5), 2),
         latency_ms_p95=round(1000 * _percentile(latencies, 0.95), 2),
         tokens_per_second=round(n_tokens / max(seconds, 1e-9), 1),
         examples_per_second=round(len(rows) / max(seconds, 1e-9), 1),
         batch_size=BATCH_SIZE,
-        size_bytes=dir_size(folder),
+        size_bytes=dir_size(backend.folder),
     )
     (ws.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    ws.log(f"evaluate {model.kind}: accuracy {metrics['accuracy']:.3f}, "
+    ws.log(f"evaluate {model.kind} on {split}: accuracy {metrics['accuracy']:.3f}, "
            f"macro-F1 {metrics['macro_f1']:.3f}, p50 {metrics['latency_ms_p50']} ms")
     return metrics
 
@@ -110,7 +126,9 @@ def build(cfg: EvaluateConfig, ws: Workspace, model: ArtifactRef, data: Artifact
 STAGE = Stage(
     name="evaluate",
     kind="evaluation",
-    version=3,  # 3: the quality gate is no longer part of the key (changing it re-evaluated all)
+    # 3: label probabilities per row and a Wilson interval; the quality gate and the extra sets
+    # are no longer part of the key (changing the gate re-evaluated every model)
+    version=3,
     inputs=("model", "data"),
     options={"labels": REQUIRED, "split": "eval", "trust_remote_code": False},
     key_config=key_config,

@@ -47,10 +47,13 @@ def builder_command(cfg: ExportConfig, model: Path, out: Path, cache: Path) -> l
 
 def smoke_generate(folder: Path, prompt: str, max_new_tokens: int = 4) -> str:
     """Load the exported model with onnxruntime-genai (its own tokenizer too) and generate."""
-    from slmflow.generate import onnx_generator
+    import onnxruntime_genai as og
 
-    generate, tokenizer = onnx_generator(folder)
-    return tokenizer.decode(generate([list(tokenizer.encode(prompt))], max_new_tokens)[0])
+    from slmflow.generate import onnx_backend
+
+    backend = onnx_backend(folder)
+    tokenizer = og.Tokenizer(backend.engine)
+    return tokenizer.decode(backend.generate([list(tokenizer.encode(prompt))], max_new_tokens)[0])
 
 
 def key_config(cfg: ExportConfig) -> dict[str, Any]:
