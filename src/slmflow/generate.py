@@ -42,7 +42,9 @@ def length_batches(lengths: list[int], size: int) -> list[list[int]]:
     return [rows[i:i + size] for _, rows in sorted(by_length.items()) for i in range(0, len(rows), size)]
 
 
-LabelScorer = Callable[[list[int], list[list[int]]], list[float]]
+# (prompts, each label's tokens) -> per prompt, each label's log-probability after it
+LabelScorer = Callable[[list[list[int]], list[list[int]]], list[list[float]]]
+SCORE_ROWS = 16  # rows a forward pass when PyTorch scores labels (4 labels: 64 sequences)
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class Backend:
     every backend) and its folder."""
 
     generate: Generator  # (equal-length prompts, max new tokens) -> new tokens of each
-    score_labels: LabelScorer  # (prompt, each label's tokens) -> each label's log-probability
+    score_labels: LabelScorer
     tokenizer: Any
     folder: Path
     engine: Any = None  # onnxruntime-genai's Model, for its own tokenizer
@@ -91,17 +93,22 @@ def torch_backend(folder: Path, trust_remote_code: bool = False) -> Backend:
             )
         return [_until_eos(row[ids.shape[1]:].tolist(), {eos}) for row in out]
 
-    def score_labels(prompt: list[int], labels: list[list[int]]) -> list[float]:
-        width = len(prompt) + max(len(lab) for lab in labels)
-        ids = [prompt + lab + [pad] * (width - len(prompt) - len(lab)) for lab in labels]
-        mask = [[1] * (len(prompt) + len(lab)) + [0] * (width - len(prompt) - len(lab))
-                for lab in labels]  # padding on the right: the scored positions never see it
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor(ids, device=device),
-                           attention_mask=torch.tensor(mask, device=device)).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        return [sum(float(logp[k, len(prompt) - 1 + i, t]) for i, t in enumerate(lab))
-                for k, lab in enumerate(labels)]
+    def score_labels(prompts: list[list[int]], labels: list[list[int]]) -> list[list[float]]:
+        scores: list[list[float]] = []
+        for start in range(0, len(prompts), SCORE_ROWS):  # a forward pass per chunk of rows
+            chunk = prompts[start:start + SCORE_ROWS]
+            seqs = [(p, lab) for p in chunk for lab in labels]
+            width = max(len(p) + len(lab) for p, lab in seqs)
+            ids = [p + lab + [pad] * (width - len(p) - len(lab)) for p, lab in seqs]
+            mask = [[1] * (len(p) + len(lab)) + [0] * (width - len(p) - len(lab)) for p, lab in seqs]
+            with torch.no_grad():  # padding on the right: the scored positions never see it
+                logits = model(input_ids=torch.tensor(ids, device=device),
+                               attention_mask=torch.tensor(mask, device=device)).logits
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            flat = [sum(float(logp[k, len(p) - 1 + i, t]) for i, t in enumerate(lab))
+                    for k, (p, lab) in enumerate(seqs)]
+            scores += [flat[i:i + len(labels)] for i in range(0, len(flat), len(labels))]
+        return scores
 
     return Backend(generate, score_labels, tokenizer, folder)
 
@@ -137,7 +144,7 @@ def onnx_backend(folder: Path) -> Backend:
                     new[i].append(int(token))
         return new
 
-    def score_labels(prompt: list[int], labels: list[list[int]]) -> list[float]:
+    def score_one(prompt: list[int], labels: list[list[int]]) -> list[float]:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(prompt) + max(len(lab) for lab in labels) + 1,
                                   batch_size=1)
@@ -154,6 +161,9 @@ def onnx_backend(folder: Path) -> Backend:
                 gen.rewind_to(len(prompt))
             scores.append(score)
         return scores
+
+    def score_labels(prompts: list[list[int]], labels: list[list[int]]) -> list[list[float]]:
+        return [score_one(p, labels) for p in prompts]
 
     return Backend(generate, score_labels, AutoTokenizer.from_pretrained(folder), folder, model)
 

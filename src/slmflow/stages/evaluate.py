@@ -72,8 +72,8 @@ def label_probabilities(backend, prompts: list[list[int]], labels: list[str]) ->
     from slmflow.fidelity import normalized
 
     label_ids = [backend.tokenizer(lab, add_special_tokens=False)["input_ids"] for lab in labels]
-    return [normalized(dict(zip(labels, backend.score_labels(prompt, label_ids))))
-            for prompt in prompts]
+    return [normalized(dict(zip(labels, scores)))
+            for scores in backend.score_labels(prompts, label_ids)]
 
 
 def build(cfg: EvaluateConfig, ws: Workspace, model: ArtifactRef, data: ArtifactRef,
@@ -126,9 +126,9 @@ def build(cfg: EvaluateConfig, ws: Workspace, model: ArtifactRef, data: Artifact
 STAGE = Stage(
     name="evaluate",
     kind="evaluation",
-    # 3: label probabilities per row and a Wilson interval; the quality gate and the extra sets
-    # are no longer part of the key (changing the gate re-evaluated every model)
-    version=3,
+    # 3: the quality gate and the extra sets are no longer part of the key (changing the gate
+    # re-evaluated every model); 4: label probabilities per row and a Wilson interval
+    version=4,
     inputs=("model", "data"),
     options={"labels": REQUIRED, "split": "eval", "trust_remote_code": False},
     key_config=key_config,
