@@ -87,11 +87,14 @@ def check_quality_gate(report: dict[str, Any], path: Path) -> None:
         raise QualityGateError.for_report(path, f"{failure_message(search)}; see {path}")
     gate = report["quality_gate"]
     if not gate["passed"]:
+        noise = (f"; McNemar p = {gate['mcnemar_p']:.3f}, "
+                 + ("within noise on this many rows" if gate["within_noise"] else "beyond noise")
+                 if "mcnemar_p" in gate else "")
         raise QualityGateError.for_report(path,
-            f"quality gate failed: exported accuracy {gate['exported_accuracy']:.4f} is "
-            f"{gate['drop']:.4f} below merged {gate['merged_accuracy']:.4f} (allowed "
-            f"{gate['max_accuracy_drop']}); outputs kept, see {path}; try export.algo_config="
-            "k_quant_mixed or a higher export.precision",
+            f"quality gate failed on {gate.get('set', 'eval')}: exported accuracy "
+            f"{gate['exported_accuracy']:.4f} is {gate['drop']:.4f} below merged "
+            f"{gate['merged_accuracy']:.4f} (allowed {gate['max_accuracy_drop']}){noise}; outputs "
+            f"kept, see {path}; try export.recipe=auto or a higher export.precision",
         )
 
 

@@ -83,3 +83,17 @@ def test_svgs_render_values():
     assert "<polyline" in svg
     cm = score(["Sad"], ["Sad"], LABELS)["confusion"]
     assert ">1</text>" in confusion_svg(cm, "t")
+
+
+def test_a_failed_gate_says_where_by_how_much_and_whether_it_is_within_noise(tmp_path):
+    import pytest
+
+    from flows.pipeline import check_quality_gate
+    from slmflow.errors import QualityGateError
+
+    report = _report(tmp_path, 1, 0)
+    with pytest.raises(QualityGateError, match=r"quality gate failed on eval: exported accuracy "
+                       r"0\.5000 is 0\.5000 below merged 1\.0000 \(allowed 0\.02\); McNemar p = "
+                       r"1\.000, within noise on this many rows; outputs kept"):
+        check_quality_gate(report, tmp_path / "report.json")
+    check_quality_gate(_report(tmp_path, 1, 1), tmp_path / "report.json")  # passes: no error
