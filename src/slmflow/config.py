@@ -421,6 +421,57 @@ class EvaluateConfig(_Config):
     )
 
 
+POOL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+def _pool(title: str, what: str) -> object:
+    return Field(
+        None,
+        title=title,
+        description=f"Work pool that runs {what}, as its own flow run (deployment "
+        "slmflow-stage/POOL); empty: the flow's own process.",
+        pattern=POOL_NAME,
+        max_length=100,
+    )
+
+
+class PlacementConfig(_Config):
+    """Where each stage runs: in the flow's own process (empty), or on a work pool as a sub-run.
+
+    A placed stage runs as a flow run of the deployment slmflow-stage/POOL (deployments/deploy.py
+    makes one per pool), started by the pipeline's flow run and shown under it. Stages hand each
+    other their outputs through the shared store, so placing any stage needs cache_remote.
+    """
+
+    base_model: str | None = _pool("Base model pool", "the base-model stage")
+    prepare_data: str | None = _pool("Data preparation pool", "the data preparation")
+    finetune: str | None = _pool("Fine-tune pool", "the fine-tune")
+    merge: str | None = _pool("Merge pool", "the merge")
+    export: str | None = _pool("Export pool", "the export")
+    evaluate: str | None = _pool("Evaluation pool", "the evaluations (base, merged, exported)")
+    recipe_candidates: str | None = Field(
+        None,
+        title="Recipe candidates pool",
+        description="With export.recipe auto: the work pool each candidate runs on, as one "
+        "sub-run that exports and evaluates one recipe, export.search.max_parallel at a time; "
+        "empty: as export and evaluate are placed.",
+        pattern=POOL_NAME,
+        max_length=100,
+    )
+    start_timeout_seconds: float = Field(
+        600,
+        gt=0,
+        title="Start timeout (s)",
+        description="A placed stage whose flow run no worker has taken after this long fails, "
+        "naming the pool (start a worker: prefect worker start --pool POOL).",
+    )
+
+    def pools(self) -> dict[str, str]:
+        """{placement key: work pool} of the placed stages."""
+        return {name: pool for name, pool in self.model_dump().items()
+                if name != "start_timeout_seconds" and pool}
+
+
 class PipelineConfig(_Config):
     """A whole slmflow run: base model, data, fine-tune, merge, export, evaluation, outputs."""
 
@@ -430,6 +481,7 @@ class PipelineConfig(_Config):
     merge: MergeConfig = Field(default_factory=MergeConfig, title="Merge")
     export: ExportConfig = Field(default_factory=ExportConfig, title="Export")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, title="Evaluation")
+    placement: PlacementConfig = Field(default_factory=PlacementConfig, title="Placement")
     output_dir: str = Field(
         "runs/default",
         title="Output folder",
@@ -469,3 +521,15 @@ class PipelineConfig(_Config):
             return check_remote_uri(uri)
         except SlmflowError as exc:  # pydantic needs a ValueError
             raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _placement_needs_a_shared_store(self) -> PipelineConfig:
+        placed = self.placement.pools()
+        if placed and not self.cache_remote:
+            where = ", ".join(f"{k} on {v}" for k, v in placed.items())
+            raise ValueError(
+                f"placement puts stages on work pools ({where}); they hand each other their "
+                "outputs through a shared store: set cache_remote (az://CONTAINER/PREFIX, or "
+                "file:///PATH of a folder every worker mounts), or clear placement"
+            )
+        return self
