@@ -88,7 +88,9 @@ def run_call(call: StageCall, store: Store, previous: ArtifactRef | None, log: L
 
     stage = STAGES[call.stage]
     cfg = config_type(stage).model_validate(call.cfg)
+    t0 = time.perf_counter()
     named = arrive_inputs(stage, decode_named(stage, call.named), store, log)
+    log(f"{call.label}: inputs here and verified in {time.perf_counter() - t0:.1f} s")
     if call.feed:
         named[call.feed] = previous  # made by this sub-run: in this store already
     key = stage.key(cfg, store, **named)
@@ -155,10 +157,12 @@ def run_placed(pool: str, steps: list[Step], store: Store, start_timeout: float,
         message = (run.state.message if run.state else "") or "no message"
         raise PlacedStageError(f"{labels}: its flow run '{run.name}' on work pool '{pool}' ended "
                                f"{state}: {message}; see {run_link(run)}")
+    ended = time.perf_counter()
     outcomes = arrive_outputs(steps, output_rows(run.id, labels), store, log)
     later = sum(seconds for _, _, seconds in outcomes[1:])
     first = outcomes[0]  # its seconds: the dispatch, the transfers and the stage
-    log(f"{labels}: done on '{pool}' in {time.perf_counter() - t0:.1f} s; outputs arrived, verified")
+    log(f"{labels}: done on '{pool}' in {ended - t0:.1f} s; outputs here and verified in "
+        f"{time.perf_counter() - ended:.1f} s")
     return [(first[0], first[1], time.perf_counter() - t0 - later), *outcomes[1:]]
 
 
