@@ -44,11 +44,10 @@ def run_pipeline(config: PipelineConfig, run: Runner, publish: Callable[[dict, P
         inputs = validate_run(config)
     store, out_dir = inputs.store, Path(inputs.output_dir)
     timings: dict[str, dict[str, Any]] = {}
-    chain = chain_runner(run)
 
     def steps(*chained: Step) -> list[ArtifactRef]:
         """Run steps (one, or a chain), each recorded in the report under its label."""
-        outcomes = chain(list(chained), store)
+        outcomes = chain_runner(run)(list(chained), store)
         for step, (ref, cached, seconds) in zip(chained, outcomes, strict=True):
             timings[step.label] = {"seconds": round(seconds, 3), "cached": cached,
                                    "key": ref.key, "sha256": ref.sha256, "uri": ref.uri}

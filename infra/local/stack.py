@@ -208,6 +208,9 @@ def up(args: argparse.Namespace) -> int:
               "stop what uses it", file=sys.stderr)
         return 2
     env = stack_env(args.port, state, args.host, auth)
+    if args.postgres:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = start_postgres(
+            args.port + PG_PORT_OFFSET, state, env)
     if not _start_server(args, env, state, auth):
         down(args)
         return 1

@@ -23,8 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from slmflow.configio import load_config
-
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
@@ -87,12 +85,13 @@ class Split:
         return self.api("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
 
     def run(self, cwd: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, float]:
-        """`slmflow run` of the tiny config in `cwd` against this server; (process, seconds)."""
+        """`slmflow run` of the tiny config in `cwd` against this server; (process, seconds).
+        An override `--no-prefect` runs the stages as plain functions in that one process."""
         cmd = [sys.executable, "-m", "slmflow.cli", "run", "--config",
                str(REPO / "configs" / "tiny-phi3_lora_cpu.yaml"),
                "--set", f"model.name_or_path={self.tiny}", "--set", "output_dir=runs/tiny"]
         for item in (*COMMON, *overrides):
-            cmd += ["--set", item]
+            cmd += [item] if item.startswith("--") else ["--set", item]
         cwd.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=cwd, env=self.env, capture_output=True, text=True,
@@ -177,25 +176,18 @@ def test_a_missing_pool_is_refused_before_any_stage(split):
     assert len(split.api("/flow_runs/filter", {})) == known  # no flow run, no stage
 
 
-def _reference_run(split: Split, monkeypatch) -> tuple[dict, float]:
-    """The same config in one process (plain stages), into the same (then emptied) container."""
+def _reference_run(split: Split) -> tuple[dict, float]:
+    """The same config in one process (`slmflow run --no-prefect`), into the same container,
+    emptied afterwards so that the split run builds every stage again under the same keys."""
     from azure.storage.blob import BlobServiceClient
 
-    from flows.pipeline import run_pipeline, run_plain
-
-    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", split.env["AZURE_STORAGE_CONNECTION_STRING"])
-    (split.root / "inproc").mkdir()
-    monkeypatch.chdir(split.root / "inproc")
-    config = load_config(REPO / "configs" / "tiny-phi3_lora_cpu.yaml",
-                         [f"model.name_or_path={split.tiny}", "output_dir=runs/tiny", *COMMON])
-    t0 = time.perf_counter()
-    report = json.loads(run_pipeline(config, run_plain).read_text())
-    seconds = time.perf_counter() - t0
+    proc, seconds = split.run(split.root / "inproc", "--no-prefect")
+    assert proc.returncode == 0, proc.stderr[-4000:]
     container = BlobServiceClient.from_connection_string(
         split.env["AZURE_STORAGE_CONNECTION_STRING"]).get_container_client("slmflow")
     for blob in list(container.list_blobs(name_starts_with="split/")):
-        container.delete_blob(blob.name)  # the split run builds every stage again
-    return report, seconds
+        container.delete_blob(blob.name)
+    return json.loads((split.root / "inproc" / "runs" / "tiny" / "report.json").read_text()), seconds
 
 
 def _same_outcome(split_report: dict, reference: dict) -> None:
@@ -226,6 +218,10 @@ def _ran_once_on_its_pool(split: Split) -> dict[str, list[dict]]:
         assert run["parent_task_run_id"], run["name"]  # shown under the pipeline's task
         tasks = sorted(t["name"] for t in split.task_runs(run["id"]))
         assert tasks == sorted(run["name"].split(", ")), (run["name"], tasks)
+    [finetune] = runs["split-a"]  # its progress artifact: in the sub-run, at 100 % when done
+    progress = split.api("/artifacts/filter", {"artifacts": {
+        "key": {"any_": ["finetune-progress"]}, "flow_run_id": {"any_": [finetune["id"]]}}})
+    assert [a["data"] for a in progress] == [100.0]
     a, b = split.log("worker-a"), split.log("worker-b1") + split.log("worker-b2")
     assert "Task run 'finetune' - Finished in state Completed()" in a
     assert "Task run 'merge'" not in a and "Task run 'finetune'" not in b
@@ -251,8 +247,8 @@ def _timeline(split: Split, runs: dict[str, list[dict]], report: dict) -> None:
               f"{t(run['end_time']) - t(run['start_time']):7.1f} {task:5.1f}")
 
 
-def test_split_run_matches_the_in_process_run_and_reruns_from_the_store(split, monkeypatch):
-    reference, in_process = _reference_run(split, monkeypatch)
+def test_split_run_matches_the_in_process_run_and_reruns_from_the_store(split):
+    reference, in_process = _reference_run(split)
     proc, seconds = split.run(split.root / "parent", *PLACED)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((split.root / "parent" / "runs" / "tiny" / "report.json").read_text())
