@@ -148,7 +148,8 @@ def run_placed(pool: str, steps: list[Step], store: Store, start_timeout: float,
     found = stored(steps, store, log)
     if found is not None:
         log(f"{labels}: in the store already; not dispatched")
-        return [(ref, True, 0.0) for ref in found]
+        return [(ref, True, (time.perf_counter() - t0) if i == 0 else 0.0)
+                for i, ref in enumerate(found)]
     run = start_sub_run(pool, steps, store, labels)
     log(f"{labels}: flow run '{run.name}' on work pool '{pool}' ({run_link(run)})")
     run = wait_for(run, pool, labels, start_timeout, poll_seconds)
