@@ -14,11 +14,13 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
+from flows.steps import Runner, Step, chain_runner
 from slmflow.artifacts import ArtifactRef
 from slmflow.config import PipelineConfig
 from slmflow.errors import QualityGateError
@@ -27,9 +29,6 @@ from slmflow.manifest import build_manifest, publish_model
 from slmflow.preflight import fingerprint, validate_run
 from slmflow.report import build_report, write_report
 from slmflow.store import Store
-
-# run(stage name, label, its config, store, its inputs and options) -> (reference, cached)
-Runner = Callable[[str, str, Any, Store, dict[str, Any]], tuple[ArtifactRef, bool]]
 
 
 def run_pipeline(config: PipelineConfig, run: Runner, publish: Callable[[dict, Path], None] | None = None,
@@ -46,12 +45,16 @@ def run_pipeline(config: PipelineConfig, run: Runner, publish: Callable[[dict, P
     store, out_dir = inputs.store, Path(inputs.output_dir)
     timings: dict[str, dict[str, Any]] = {}
 
+    def steps(*chained: Step) -> list[ArtifactRef]:
+        """Run steps (one, or a chain), each recorded in the report under its label."""
+        outcomes = chain_runner(run)(list(chained), store)
+        for step, (ref, cached, seconds) in zip(chained, outcomes, strict=True):
+            timings[step.label] = {"seconds": round(seconds, 3), "cached": cached,
+                                   "key": ref.key, "sha256": ref.sha256, "uri": ref.uri}
+        return [ref for ref, _, _ in outcomes]
+
     def stage(label: str, name: str, cfg: Any, **named: Any) -> ArtifactRef:
-        t0 = time.perf_counter()
-        ref, cached = run(name, label, cfg, store, named)
-        timings[label] = {"seconds": round(time.perf_counter() - t0, 3), "cached": cached,
-                          "key": ref.key, "sha256": ref.sha256, "uri": ref.uri}
-        return ref
+        return steps(Step(name, label, cfg, named))[0]
 
     base = stage("base_model", "base_model", config.model, source=inputs.model_source)
     data = stage("prepare_data", "prepare_data", config.data, base=base,
@@ -61,7 +64,7 @@ def run_pipeline(config: PipelineConfig, run: Runner, publish: Callable[[dict, P
     merged = stage("merge", "merge", config.merge, base=base, adapter=adapter, data=data,
                    trust_remote_code=config.model.trust_remote_code)
 
-    sets, onnx, search = evaluate_and_export(config, inputs, stage, base, data, merged)
+    sets, onnx, search = evaluate_and_export(config, inputs, stage, steps, base, data, merged)
     refs = {"base_model": base, "prepare_data": data, "finetune": adapter, "merge": merged,
             "export": onnx}
     sources = {"model_source": inputs.model_source, "train_source": inputs.train_source,
@@ -100,7 +103,8 @@ def check_quality_gate(report: dict[str, Any], path: Path) -> None:
 
 def evaluate_and_export(
     config: PipelineConfig, inputs: RunInputs, stage: Callable[..., ArtifactRef],
-    base: ArtifactRef, data: ArtifactRef, merged: ArtifactRef,
+    steps: Callable[..., list[ArtifactRef]], base: ArtifactRef, data: ArtifactRef,
+    merged: ArtifactRef,
 ) -> tuple[dict[str, dict[str, ArtifactRef]], ArtifactRef, dict[str, Any] | None]:
     """Base and merged evaluated on every set (the split, then each of evaluate.extra_files,
     prepared with its own key), the export (or the recipe search, judged on the gate's set),
@@ -124,7 +128,7 @@ def evaluate_and_export(
     gate, search = config.evaluate.gate_set, None
     if config.export.recipe == "auto":  # every candidate exported and evaluated, one kept
         onnx, _, search = search_export_recipe(
-            config, stage, evaluate, merged, data, prepared[gate], sets[gate]["merged"])
+            config, steps, merged, data, prepared[gate], sets[gate]["merged"])
     else:
         onnx = stage("export", "export", config.export, merged=merged, data=data)
     for name, on in prepared.items():
@@ -134,8 +138,7 @@ def evaluate_and_export(
 
 def search_export_recipe(
     config: PipelineConfig,
-    stage: Callable[..., ArtifactRef],
-    evaluate: Callable[..., ArtifactRef],
+    steps: Callable[..., list[ArtifactRef]],
     merged: ArtifactRef,
     data: ArtifactRef,
     gate_data: ArtifactRef,
@@ -146,6 +149,8 @@ def search_export_recipe(
 
     With no candidate within the gate, the most accurate one stands in (so the report is
     complete) and `summary["chosen"]` is None: the run then fails listing every candidate.
+    With `placement.recipe_candidates`, each candidate is one chain (export, then its
+    evaluation) that the placed runner runs as one flow run on that pool.
     """
     from slmflow import recipes
     from slmflow.errors import StageCheckError
@@ -153,26 +158,35 @@ def search_export_recipe(
     search, max_drop = config.export.search, config.evaluate.max_accuracy_drop
     merged_acc = merged_eval.meta["accuracy"]
     built: dict[str, tuple[ArtifactRef, ArtifactRef]] = {}
+    placed = config.placement.recipe_candidates is not None
+    evaluation_options = {"data": gate_data, "labels": config.data.labels,
+                          "trust_remote_code": config.model.trust_remote_code}
+    on = "" if gate_data is data else f"[{config.evaluate.gate_set}]"
 
     def run_candidate(name: str) -> dict[str, Any]:
         onnx = evaluation = error = None
+        export = Step("export", f"export[{name}]", recipes.candidate_config(config.export, name),
+                      {"merged": merged, "data": data}, where="recipe_candidates")
+        evaluate = Step("evaluate", f"evaluate_exported[{name}]{on}", config.evaluate,
+                        evaluation_options, feed="model", where="recipe_candidates")
         try:
-            onnx = stage(f"export[{name}]", "export", recipes.candidate_config(config.export, name),
-                         merged=merged, data=data)
-            suffix = "" if gate_data is data else f"[{config.evaluate.gate_set}]"
-            evaluation = evaluate(onnx, f"evaluate_exported[{name}]{suffix}", gate_data)
+            if placed:  # one flow run on the candidates' pool
+                onnx, evaluation = steps(export, evaluate)
+            else:
+                [onnx] = steps(export)
+                [evaluation] = steps(replace(evaluate, named=evaluate.inputs(onnx), feed=None))
             built[name] = (onnx, evaluation)
         except Exception as exc:  # noqa: BLE001 - a broken candidate is a finding, not the end
             error = f"{type(exc).__name__}: {exc}"
             print(f"recipe search: {name} failed: {error}")
         return recipes.candidate_record(name, onnx, evaluation, merged_acc, max_drop, error)
 
-    params = 0
-    if search.max_parallel > 1:  # memory decides how many run at once
+    parallel = search.max_parallel  # placed: each sub-run on a machine of its pool
+    if parallel > 1 and not placed:  # here: this machine's memory decides how many run at once
         from slmflow.folders import describe_model, model_dir
 
         params = describe_model(model_dir(merged))["parameters"]
-    parallel = recipes.parallel_limit(search, params, log=print)
+        parallel = recipes.parallel_limit(search, params, log=print)
     records = recipes.run_search(search, run_candidate, parallel)
     summary = recipes.search_summary(records, search.objective, merged_acc, max_drop)
     pick = summary["chosen"] or max(built, key=lambda n: built[n][1].meta["accuracy"], default=None)
@@ -254,7 +268,12 @@ def slmflow_pipeline(
             the config); not shown in deployment forms.
     """
     config = apply_run_overrides(config, overrides)
-    return str(run_pipeline(config, run_prefect_task, publish_artifacts, resolved_inputs))
+    run: Runner = run_prefect_task
+    if config.placement.pools():  # some stages run as flow runs on their work pools
+        from flows.placed import PlacedRunner
+
+        run = PlacedRunner(config.placement, run_prefect_task)
+    return str(run_pipeline(config, run, publish_artifacts, resolved_inputs))
 
 
 if __name__ == "__main__":

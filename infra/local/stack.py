@@ -6,8 +6,15 @@ is installed), deploys the pipeline (deployments/deploy.py) and starts a worker 
 `down` stops everything `up` started (process groups recorded in the state folder).
 
 Run as:
-    infra/local/up [--port 4200] [--postgres] [--no-worker] [--worker-pool local-cpu]
+    infra/local/up [--port 4200] [--postgres] [--no-worker] [--worker-pool local-cpu ...]
+    infra/local/up --host 0.0.0.0 --auth-file ~/.config/slmflow/prefect-auth   # reachable by others
     infra/local/down
+
+The server listens on 127.0.0.1 unless `--host` says otherwise; any other address needs Prefect's
+API authentication: the secret (`user:password`) from a file only its owner reads (`--auth-file`)
+or from PREFECT_SERVER_API_AUTH_STRING in the environment, never from the command line. The
+server gets it as PREFECT_SERVER_API_AUTH_STRING, the workers and the deploy as
+PREFECT_API_AUTH_STRING.
 
 Environment: SLMFLOW_STATE_DIR (default infra/local/.state) holds pids, logs, PREFECT_HOME and
 the PostgreSQL data folder; SLMFLOW_PREFECT_PORT sets the port (default 4200).
@@ -16,6 +23,7 @@ the PostgreSQL data folder; SLMFLOW_PREFECT_PORT sets the port (default 4200).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import shutil
@@ -36,27 +44,60 @@ def state_dir() -> Path:
     return Path(os.environ.get("SLMFLOW_STATE_DIR", REPO / "infra" / "local" / ".state")).resolve()
 
 
-def stack_env(port: int, state: Path) -> dict[str, str]:
-    """The environment every process of the stack (and the user's shell) shares."""
+def stack_env(port: int, state: Path, host: str = "127.0.0.1", auth: str | None = None) -> dict[str, str]:
+    """The environment every client of the stack (workers, deploy, the user's shell) shares."""
     env = dict(os.environ)
+    env.pop("PREFECT_SERVER_API_AUTH_STRING", None)  # the server's side: only the server gets it
     env.update({
         "PREFECT_HOME": str(state / "prefect-home"),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_API_URL": f"http://{client_host(host)}:{port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_URL": f"http://127.0.0.1:{port}",
+        "PREFECT_UI_URL": f"http://{client_host(host)}:{port}",
     })
+    if auth is not None:
+        env["PREFECT_API_AUTH_STRING"] = auth
     return env
 
 
-def _port_free(port: int) -> bool:
+def client_host(host: str) -> str:
+    """The address this machine's clients use for a server listening on `host`."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_auth(auth_file: str | None) -> str | None:
+    """The API auth string: from `auth_file` (owner-only), else PREFECT_SERVER_API_AUTH_STRING."""
+    if auth_file:
+        path = Path(auth_file).expanduser()
+        if not path.is_file():
+            raise SystemExit(f"error: --auth-file {path}: no such file; write user:password into "
+                             "it (one line) and chmod 600 it")
+        if path.stat().st_mode & 0o077:
+            raise SystemExit(f"error: --auth-file {path} is readable by others; chmod 600 {path}")
+        secret = path.read_text().strip()
+        if not secret:
+            raise SystemExit(f"error: --auth-file {path} is empty; write user:password into it")
+        return secret
+    return os.environ.get("PREFECT_SERVER_API_AUTH_STRING") or None
+
+
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
+        return s.connect_ex((client_host(host), port)) != 0
 
 
-def _healthy(port: int) -> bool:
+def _healthy(port: int, host: str = "127.0.0.1") -> bool:
     from slmflow.prefect_api import healthy
 
-    return healthy(f"http://127.0.0.1:{port}/api")
+    return healthy(f"http://{client_host(host)}:{port}/api")
 
 
 def _spawn(name: str, cmd: list[str], env: dict[str, str], state: Path,
@@ -156,27 +197,65 @@ def up(args: argparse.Namespace) -> int:
         print(f"error: a stack is already up (see {state / 'pids.json'}); stop it with "
               "infra/local/down", file=sys.stderr)
         return 2
-    if not _port_free(args.port):
-        print(f"error: port {args.port} on 127.0.0.1 is taken; pass --port N or stop what uses it",
-              file=sys.stderr)
+    auth = read_auth(args.auth_file)
+    if not is_loopback(args.host) and auth is None:
+        print(f"error: --host {args.host} opens the Prefect API to other machines: turn on its "
+              "authentication with --auth-file FILE (user:password, chmod 600) or "
+              "PREFECT_SERVER_API_AUTH_STRING in the environment", file=sys.stderr)
         return 2
-    env = stack_env(args.port, state)
+    if not _port_free(args.port, args.host):
+        print(f"error: port {args.port} on {client_host(args.host)} is taken; pass --port N or "
+              "stop what uses it", file=sys.stderr)
+        return 2
+    env = stack_env(args.port, state, args.host, auth)
     if args.postgres:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = start_postgres(
             args.port + PG_PORT_OFFSET, state, env)
-    _spawn("server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                      "--port", str(args.port)], env, state)
+    if not _start_server(args, env, state, auth):
+        down(args)
+        return 1
+    _create_pools(Path(args.workdir).resolve(), env, state)
+    deploy_args = [a for item in args.deploy_config for a in ("--config", item)]
+    deployed = _run([str(sys.executable), str(REPO / "deployments" / "deploy.py"), *deploy_args],
+                    env, check=False)
+    print(deployed.stdout.rstrip())
+    if deployed.returncode != 0:
+        print(deployed.stderr, file=sys.stderr)
+        down(args)
+        return deployed.returncode
+    for pool in ([] if args.no_worker else args.worker_pool or ["local-cpu"]):
+        _spawn(f"worker-{pool}", [str(BIN / "prefect"), "worker", "start", "--pool", pool,
+                                  "--name", f"slmflow-{pool}"], env, state, cwd=Path(args.workdir))
+        print(f"worker: pool {pool} (log {state / f'worker-{pool}.log'})")
+    _write_shell_env(state, env, args.auth_file if auth else None)
+    print(f"\nUI: {env['PREFECT_UI_URL']}\nIn your shell: source {state / 'env'}\n"
+          "Trigger: prefect deployment run 'slmflow-pipeline/local-cpu' --watch")
+    return 0
+
+
+def _start_server(args: argparse.Namespace, env: dict[str, str], state: Path,
+                  auth: str | None) -> bool:
+    server_env = dict(env)
+    if auth is not None:
+        server_env["PREFECT_SERVER_API_AUTH_STRING"] = auth
+    _spawn("server", [str(BIN / "prefect"), "server", "start", "--host", args.host,
+                      "--port", str(args.port)], server_env, state)
     deadline = time.monotonic() + args.timeout
-    while not _healthy(args.port):
+    while not _healthy(args.port, args.host):
         if time.monotonic() > deadline:
             print(f"error: the server did not answer within {args.timeout} s; see "
                   f"{state / 'server.log'}", file=sys.stderr)
-            down(args)
-            return 1
+            return False
         time.sleep(0.5)
-    print(f"server: http://127.0.0.1:{args.port} (log {state / 'server.log'})")
+    where = f"http://{client_host(args.host)}:{args.port}"
+    others = "" if is_loopback(args.host) else (
+        f"; other machines: http://<this machine's address>:{args.port}/api with "
+        "PREFECT_API_AUTH_STRING (API authentication is on)")
+    print(f"server: {where} (log {state / 'server.log'}){others}")
+    return True
 
-    workdir = Path(args.workdir).resolve()
+
+def _create_pools(workdir: Path, env: dict[str, str], state: Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     for pool, kind in POOLS.items():
         template = _process_template(workdir, env, state) if kind == "process" else []
@@ -187,23 +266,18 @@ def up(args: argparse.Namespace) -> int:
             print(f"pool {pool}: not created ({kind} worker type unavailable: {reason[0]})")
         else:
             print(f"pool {pool}: {kind}" + (f", runs in {workdir}" if template else ""))
-    deploy_args = [a for item in args.deploy_config for a in ("--config", item)]
-    deployed = _run([str(sys.executable), str(REPO / "deployments" / "deploy.py"), *deploy_args],
-                    env, check=False)
-    print(deployed.stdout.rstrip())
-    if deployed.returncode != 0:
-        print(deployed.stderr, file=sys.stderr)
-        down(args)
-        return deployed.returncode
-    if not args.no_worker:
-        _spawn(f"worker-{args.worker_pool}",
-               [str(BIN / "prefect"), "worker", "start", "--pool", args.worker_pool,
-                "--name", f"slmflow-{args.worker_pool}"], env, state, cwd=workdir)
-        print(f"worker: pool {args.worker_pool} (log {state / f'worker-{args.worker_pool}.log'})")
-    (state / "env").write_text(f"export PREFECT_API_URL={env['PREFECT_API_URL']}\n")
-    print(f"\nUI: http://127.0.0.1:{args.port}\nIn your shell: source {state / 'env'}\n"
-          "Trigger: prefect deployment run 'slmflow-pipeline/local-cpu' --watch")
-    return 0
+
+
+def _write_shell_env(state: Path, env: dict[str, str], auth_file: str | None) -> None:
+    """state/env for `source`: the API URL, and the auth string read from its file (never copied)."""
+    lines = [f"export PREFECT_API_URL={env['PREFECT_API_URL']}"]
+    if auth_file:
+        lines.append(f'export PREFECT_API_AUTH_STRING="$(cat {Path(auth_file).expanduser().resolve()})"')
+    elif "PREFECT_API_AUTH_STRING" in env:
+        lines.append("# and PREFECT_API_AUTH_STRING: the value of PREFECT_SERVER_API_AUTH_STRING")
+    path = state / "env"
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
 
 
 def down(args: argparse.Namespace | None = None) -> int:
@@ -243,8 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--port", type=int, default=int(os.environ.get("SLMFLOW_PREFECT_PORT", "4200")))
     p_up.add_argument("--postgres", action="store_true",
                       help="PostgreSQL (Debian's, in the state folder) instead of SQLite")
+    p_up.add_argument("--host", default="127.0.0.1",
+                      help="address the server listens on (default 127.0.0.1); any other needs "
+                           "--auth-file or PREFECT_SERVER_API_AUTH_STRING")
+    p_up.add_argument("--auth-file", metavar="FILE",
+                      help="file holding the API auth string user:password (chmod 600)")
     p_up.add_argument("--no-worker", action="store_true", help="start no worker")
-    p_up.add_argument("--worker-pool", default="local-cpu", choices=sorted(POOLS))
+    p_up.add_argument("--worker-pool", action="append", choices=sorted(POOLS),
+                      help="start a worker on this pool (repeatable: one worker per pool); "
+                           "default local-cpu")
     p_up.add_argument("--workdir", default=str(REPO),
                       help="working directory of the runs of the local pools (relative paths of "
                            "a config, e.g. output_dir, resolve there); default: the repository")

@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from slmflow.errors import SlmflowError
+from slmflow.errors import ConfigError, SlmflowError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -92,6 +92,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             print(dump_config(config), end="")
         return 0
+    if args.command == "run" and args.no_prefect and config.placement.pools():
+        raise ConfigError("placement: placed stages run as Prefect flow runs on their work pools; "
+                          "drop --no-prefect, or clear placement to run every stage here")
     from slmflow.preflight import validate_run
 
     inputs = validate_run(config)  # a bad input ends here, on one line, before any output

@@ -39,3 +39,10 @@ class StageCheckError(SlmflowError):
 
 class ResourceError(SlmflowError):
     """The machine lacks the memory or disk a stage needs (checked before the stage loads anything)."""
+
+
+class PlacedStageError(SlmflowError):
+    """A stage placed on a work pool did not complete there (its flow run failed, crashed, was
+    cancelled, or no worker took it)."""
+
+    exit_code = 1

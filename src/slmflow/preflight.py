@@ -188,10 +188,12 @@ def check_rows_per_label(config: PipelineConfig, where: str, rows: list[dict[str
 
 def validate_run(config: PipelineConfig) -> RunInputs:
     """Check everything a run needs and resolve its inputs (call once per run)."""
+    from slmflow.placement import check_placement
     from slmflow.stages.finetune import check_target_modules, world_of
 
     output_dir = check_output_dir(config)
     store = store_for(config)
+    check_placement(config)  # pools and their stage deployments exist (only where placed)
     world_of(config.finetune)  # processes, nodes, backend: refused here with the fix
     facts = base_model_facts(config.model)  # headers only: seconds, also for a large model
     if facts is not None:

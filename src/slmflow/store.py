@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -138,6 +139,7 @@ def _pull(remote: str, kind: str, key: str, final: Path, log: Log) -> ArtifactRe
     prefix = f"{root}/{kind}/{key}"
     if not fs.exists(f"{prefix}/{MANIFEST}"):
         return None
+    started = time.perf_counter()
     tmp = final.parent / f".tmp-{key}-remote"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -153,7 +155,7 @@ def _pull(remote: str, kind: str, key: str, final: Path, log: Log) -> ArtifactRe
         replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"{kind}/{key}: reused from {remote}")
+    log(f"{kind}/{key}: reused from {remote} ({_amount(final, started)})")
     return ref.model_copy(update={"uri": str(final.resolve()), "cached": True})
 
 
@@ -169,10 +171,16 @@ def _push(remote: str, kind: str, key: str, folder: Path, log: Log) -> bool:
         return False  # a pointer to a folder on this machine: nothing to share
     fs, root = _fs(remote)
     prefix = f"{root}/{kind}/{key}"
+    started = time.perf_counter()
     for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
         target = f"{prefix}/{file.relative_to(folder).as_posix()}"
         fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         fs.put_file(str(file), target)
     fs.put_file(str(folder / MANIFEST), f"{prefix}/{MANIFEST}")
-    log(f"{kind}/{key}: uploaded to {remote}")
+    log(f"{kind}/{key}: uploaded to {remote} ({_amount(folder, started)})")
     return True
+
+
+def _amount(folder: Path, started: float) -> str:
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return f"{size / 2**20:.1f} MB in {time.perf_counter() - started:.1f} s"

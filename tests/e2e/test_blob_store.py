@@ -1,17 +1,13 @@
 """The shared stage store on Azure Blob, against Azurite on 127.0.0.1: a second run in another
 working directory reuses the first run's stage outputs (downloaded and hash-verified).
 
-Azurite is the npm package `azurite`, installed once into ~/.cache/slmflow/azurite (or
-$SLMFLOW_AZURITE_DIR); the test skips only where node/npm are missing.
+Azurite (the `azurite` fixture of conftest.py) is the npm package `azurite`, installed once into
+~/.cache/slmflow/azurite (or $SLMFLOW_AZURITE_DIR); the test skips only where node/npm are missing.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,64 +17,6 @@ from slmflow.configio import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-# Azurite's documented development account (public, the same in every Azurite).
-ACCOUNT = "devstoreaccount1"
-DEV_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _azurite_bin() -> Path:
-    if not (shutil.which("node") and shutil.which("npm")):
-        reason = "Azurite needs node and npm (apt-get install nodejs npm)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)  # CI has them: a missing one is a broken CI, not a skip
-        pytest.skip(reason)
-    home = Path(os.environ.get("SLMFLOW_AZURITE_DIR", Path.home() / ".cache/slmflow/azurite"))
-    binary = home / "node_modules" / ".bin" / "azurite-blob"
-    if not binary.exists():
-        home.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent", "azurite@3"],
-                       cwd=home, check=True, timeout=600)
-    return binary
-
-
-@pytest.fixture(scope="module")
-def azurite(tmp_path_factory):
-    """Azurite's blob service on 127.0.0.1 (a free port, a temporary folder), stopped afterwards."""
-    binary = _azurite_bin()
-    port = _free_port()
-    data = tmp_path_factory.mktemp("azurite")
-    proc = subprocess.Popen(
-        [str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(data),
-         "--silent", "--skipApiVersionCheck", "--loose"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Azurite did not start: {proc.stderr.read().decode()[-2000:]}")
-                time.sleep(0.2)
-        yield (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={DEV_KEY};"
-               f"BlobEndpoint=http://127.0.0.1:{port}/{ACCOUNT};")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def _run(workdir: Path, tiny_model: Path, monkeypatch) -> dict:
     from flows.pipeline import run_pipeline, run_plain
 

@@ -4,6 +4,7 @@ the entry point, the in-job launcher, and the credential (no managed-identity pr
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from pathlib import Path
 
@@ -179,6 +180,20 @@ def test_an_api_key_without_a_key_vault_reference_is_refused(monkeypatch):
     with pytest.raises(ConfigError, match=r"job variable prefect_api_key_secret: .* never written "
                                           r"into a job; store the key in Azure Key Vault"):
         cfg.build_job()
+
+
+def test_an_api_auth_string_reaches_the_job_only_from_key_vault(monkeypatch):
+    auth = {"api": {"url": "https://prefect.example.com/api", "auth_string": "ops:pw-0123456789"}}
+    cfg, _ = configuration(monkeypatch, worker_env=auth, prefect_api_key_secret=None)
+    with pytest.raises(ConfigError, match=r"job variable secret_env: the worker's Prefect API has "
+                                          r"authentication .*secret_env.PREFECT_API_AUTH_STRING"):
+        cfg.build_job()
+    ref = "keyvault://kv-slm/prefect-auth"
+    cfg, _ = configuration(monkeypatch, worker_env=auth, prefect_api_key_secret=None,
+                           secret_env={"PREFECT_API_AUTH_STRING": ref})
+    env = cfg.job_env()
+    assert env["SLMFLOW_SECRET_PREFECT_API_AUTH_STRING"] == ref
+    assert "ops:pw-0123456789" not in json.dumps(env)
 
 
 def test_bad_references_and_paths_name_the_variable(monkeypatch, tmp_path):

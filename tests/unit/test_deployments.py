@@ -31,7 +31,8 @@ def deploy():
 def test_every_deployment_starts_from_a_valid_config(deploy):
     from slmflow.configio import load_config
 
-    assert {d.name for d in deploy.DEPLOYMENTS} == {"local-cpu", "local-gpu", "azureml"}
+    assert {d.name for d in deploy.DEPLOYMENTS} == {"local-cpu", "local-gpu", "azureml",
+                                                     "azureml-split"}
     for spec in deploy.DEPLOYMENTS:
         params = deploy.default_parameters(spec)
         assert params["config"] == load_config(REPO / spec.config).model_dump(mode="json")
@@ -67,8 +68,8 @@ def test_list_needs_no_server(deploy, capsys):
 
 def test_bad_deploy_arguments_exit_2_naming_the_fix(deploy, capsys, tmp_path):
     assert deploy.main(["--only", "local-tpu", "--list"]) == 2
-    assert "--only local-tpu: no such deployment; choose from azureml, local-cpu, local-gpu" in (
-        capsys.readouterr().err)
+    assert ("--only local-tpu: no such deployment; choose from azureml, azureml-split, local-cpu, "
+            "local-gpu") in capsys.readouterr().err
     assert deploy.main(["--config", "local-cpu", "--list"]) == 2
     assert "expected NAME=FILE" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"

@@ -126,6 +126,13 @@ def job_environment(
             "store the key in Azure Key Vault and set prefect_api_key_secret to "
             "keyvault://VAULT/SECRET-NAME"
         )
+    if worker_env.get("PREFECT_API_AUTH_STRING") and "PREFECT_API_AUTH_STRING" not in secrets:
+        raise ConfigError(
+            "job variable secret_env: the worker's Prefect API has authentication "
+            "(PREFECT_API_AUTH_STRING), which the job needs too but is never written into a job; "
+            "store it in Azure Key Vault and set secret_env.PREFECT_API_AUTH_STRING to "
+            "keyvault://VAULT/SECRET-NAME"
+        )
     for name, ref in secrets.items():
         env[SECRET_PREFIX + name] = ref
     env["SLMFLOW_AZUREML_SUBSCRIPTION_ID"], env["SLMFLOW_AZUREML_RESOURCE_GROUP"], \

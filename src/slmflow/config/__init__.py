@@ -38,11 +38,12 @@ from slmflow.config.export import (
 )
 from slmflow.config.finetune import DistributedConfig, FinetuneConfig, MergeConfig
 from slmflow.config.model import BaseModelConfig
+from slmflow.config.placement import PlacementConfig
 
 __all__ = [
     "ALL_RECIPES", "BUNDLED_TONES", "SEED_TEMPLATE", "SHIFTED_TONES", "SMOLLM2_GGUF",
     "BaseModelConfig", "DataConfig", "DistributedConfig", "EvaluateConfig", "ExportConfig",
-    "FinetuneConfig", "MergeConfig", "PathSpec", "PipelineConfig", "RecipeName",
+    "FinetuneConfig", "MergeConfig", "PathSpec", "PipelineConfig", "PlacementConfig", "RecipeName",
     "RecipeSearchConfig", "eval_set_name",
 ]
 
@@ -56,6 +57,7 @@ class PipelineConfig(_Config):
     merge: MergeConfig = Field(default_factory=MergeConfig, title="Merge")
     export: ExportConfig = Field(default_factory=ExportConfig, title="Export")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, title="Evaluation")
+    placement: PlacementConfig = Field(default_factory=PlacementConfig, title="Placement")
     output_dir: PathSpec = Field(
         "runs/default",
         title="Output folder",
@@ -113,3 +115,15 @@ class PipelineConfig(_Config):
             return check_remote_uri(uri)
         except SlmflowError as exc:  # pydantic needs a ValueError
             raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _placement_needs_a_shared_store(self) -> PipelineConfig:
+        placed = self.placement.pools()
+        if placed and not self.cache_remote:
+            where = ", ".join(f"{k} on {v}" for k, v in placed.items())
+            raise ValueError(
+                f"placement puts stages on work pools ({where}); they hand each other their "
+                "outputs through a shared store: set cache_remote (az://CONTAINER/PREFIX, or "
+                "file:///PATH of a folder every worker mounts), or clear placement"
+            )
+        return self

@@ -18,7 +18,9 @@ from typing import Any
 
 from slmflow.artifacts import ArtifactRef
 from slmflow.config import BaseModelConfig
+from slmflow.errors import ConfigError
 from slmflow.stage import Stage, Workspace
+from slmflow.store import Store
 
 
 def build(cfg: BaseModelConfig, ws: Workspace, source: ArtifactRef) -> dict[str, Any]:
@@ -27,7 +29,7 @@ def build(cfg: BaseModelConfig, ws: Workspace, source: ArtifactRef) -> dict[str,
 
     if cfg.source == "hf" and not source.uri.startswith("hf://"):
         folder = Path(source.uri)
-        (ws.out / "source.json").write_text(json.dumps({"path": str(folder), "sha256": source.sha256}))
+        write_pointer(ws.out, folder, source.sha256)
         return {"external_model_dir": str(folder), **describe_model(folder)}
     target = ws.out / "model"
     if cfg.source == "gguf":
@@ -42,6 +44,31 @@ def build(cfg: BaseModelConfig, ws: Workspace, source: ArtifactRef) -> dict[str,
     else:
         download_from_hub(cfg, target, ws.log)
     return describe_model(target)
+
+
+def write_pointer(out: Path, folder: Path, sha256: str) -> None:
+    """The whole content of a pointer output: where the model folder is and its content hash."""
+    (out / "source.json").write_text(json.dumps({"path": str(folder), "sha256": sha256}))
+
+
+def adopt_pointer(ref: ArtifactRef, store: Store, log=print) -> ArtifactRef:
+    """A pointer output made elsewhere (`ref`), recorded in `store` where its folder is here too.
+
+    A pointer is never uploaded (it names a folder of one machine): where the same folder, with
+    the same content, is on this machine, the same pointer is written here, under the same key
+    and with the same content hash; otherwise this stops naming the folder.
+    """
+    from slmflow.artifacts import hash_path
+
+    folder, sha256 = Path(ref.meta["external_model_dir"]), ref.parents[0]
+    if not folder.is_dir() or hash_path(folder) != sha256:
+        raise ConfigError(
+            f"model.name_or_path: the model folder {folder} is not on this machine with the "
+            "content the run started from; make it available at that path on every worker, or "
+            "name the model by hub id (its copy then travels through cache_remote)")
+    source = ArtifactRef(kind="model_source", uri=str(folder), sha256=sha256, key=sha256[:24])
+    return store.build(ref.kind, ref.key, [source],
+                       lambda out, work: write_pointer(out, folder, sha256) or dict(ref.meta), log=log)
 
 
 def download_from_hub(cfg: BaseModelConfig, target: Path, log=print) -> None:

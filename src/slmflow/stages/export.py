@@ -9,6 +9,7 @@ onnxruntime-genai loads the result and generates.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,7 +74,11 @@ def build(cfg: ExportConfig, ws: Workspace, merged: ArtifactRef, data: ArtifactR
 
     cmd = builder_command(cfg, folder, ws.out, ws.work / "builder-cache")
     ws.log("export: " + " ".join(cmd[2:]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ws.work, check=False)
+    # The builder stamps the model with `git rev-parse HEAD` run next to its install, which finds
+    # whatever checkout holds the virtualenv: without a repository it stamps its own commit, so
+    # the same export has the same bytes whoever runs it.
+    env = {**os.environ, "GIT_DIR": os.devnull}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ws.work, env=env, check=False)
     if proc.returncode != 0 or not (ws.out / "genai_config.json").is_file():
         lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         cause = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "")

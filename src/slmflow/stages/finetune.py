@@ -219,6 +219,7 @@ def train(cfg: FinetuneConfig, base: ArtifactRef, data: ArtifactRef, out: Path, 
         return None
     gpu = {"peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20)} if on_gpu else {}
     model.save_pretrained(out)
+    sort_target_modules(out / "adapter_config.json")
     log_rows = sorted({h["step"]: h for h in losses.history}.values(), key=lambda h: h["step"])
     (out / "train_log.json").write_text(json.dumps(log_rows, indent=1))
     tokens = sum(len(r["input_ids"]) for r in rows)
@@ -226,6 +227,14 @@ def train(cfg: FinetuneConfig, base: ArtifactRef, data: ArtifactRef, out: Path, 
     return {"device": device.split(":")[0], **gpu} | training_metrics(
         cfg, trainer.state.global_step, log_rows, float(result.training_loss), tokens, len(rows),
         resumed_from, seconds, rank.world.size if rank else 1)
+
+
+def sort_target_modules(config: Path) -> None:
+    """peft writes target_modules from a set, in an order that changes with each process's string
+    hashing: sorted, the same training gives the same bytes (and content hash) in any process."""
+    data = json.loads(config.read_text())
+    if isinstance(data.get("target_modules"), list):
+        config.write_text(json.dumps({**data, "target_modules": sorted(data["target_modules"])}, indent=2))
 
 
 def world_of(cfg: FinetuneConfig) -> World:
