@@ -184,10 +184,11 @@ class LocalCluster:
     """A fake AzureML that runs a job's command as its processes on this machine, with the
     variables AzureML's PyTorch distribution sets: a process a node, each node its own folder."""
 
-    def __init__(self, api_url: str, root: Path, nodes: int = 2) -> None:
+    def __init__(self, api_url: str, root: Path, nodes: int = 2, limit: float = 600) -> None:
         self.api_url, self.root, self.nodes = api_url, root, nodes
         self.procs: list[subprocess.Popen] = []
         self.submitted: list = []
+        self.deadline = time.monotonic() + limit  # a hung job fails the test, with its logs
 
     def submit(self, job):
         import shlex
@@ -202,7 +203,8 @@ class LocalCluster:
             env = {**os.environ, **job.environment_variables, "PREFECT_API_URL": self.api_url,
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(self.nodes),
                    "RANK": str(node), "NODE_RANK": str(node), "LOCAL_RANK": "0",
-                   "PYTHONUNBUFFERED": "1", "PREFECT_LOGGING_TO_API_ENABLED": "false"}
+                   "PYTHONUNBUFFERED": "1", "PREFECT_LOGGING_TO_API_ENABLED": "false",
+                   "SLMFLOW_DIST_WAIT_SECONDS": "300"}
             log = open(folder / "std_log.txt", "w")  # noqa: SIM115 - closed when the job ends
             self.procs.append(subprocess.Popen(argv, cwd=folder, env=env, stdout=log,
                                                stderr=subprocess.STDOUT))
@@ -210,7 +212,10 @@ class LocalCluster:
 
     def status(self, name):
         if any(p.poll() is None for p in self.procs):
-            return "Running"
+            if time.monotonic() < self.deadline:
+                return "Running"
+            self.cancel(name)
+            return "Failed"
         return "Completed" if all(p.returncode == 0 for p in self.procs) else "Failed"
 
     def cancel(self, name):

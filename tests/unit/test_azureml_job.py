@@ -326,3 +326,25 @@ def test_mlclient_constructs_offline_without_probing(no_azure_probe):
     ml = AzureMLClient(Workspace("00000000-0000-0000-0000-000000000000", "rg", "ws")).ml
     assert ml.workspace_name == "ws"
     assert no_azure_probe == [{"exclude_managed_identity_credential": True}]
+
+def test_a_waiting_rank_rejoins_only_after_the_last_rounds_rendezvous_has_closed():
+    """Joining while the last round's rank 0 still exits hangs on its dying store (seen in CI:
+    the release never met the waiting rank): the waiting rank first waits for the port to close."""
+    import socket
+    import threading
+    import time
+
+    from slmflow.stages.finetune_rank import wait_until_closed
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    assert wait_until_closed("127.0.0.1", port, limit=0.5) is False  # still there: not closed
+
+    closer = threading.Timer(0.6, server.close)
+    closer.start()
+    started = time.monotonic()
+    assert wait_until_closed("127.0.0.1", port, limit=30) is True
+    assert time.monotonic() - started >= 0.5  # it waited for the close, not the limit
+    closer.join()

@@ -32,6 +32,7 @@ from slmflow.store import Store
 # A waiting rank of an AzureML job waits this long for rank 0's flow to reach the fine-tune.
 FOLLOWER_WAIT = int(os.environ.get("SLMFLOW_DIST_WAIT_SECONDS", str(24 * 3600)))
 RELEASE_WAIT = 300  # rank 0 releasing them: they are waiting already
+CLOSE_WAIT = 60  # how long a waiting rank lets the last round's rank 0 take to exit
 
 
 def _line(text: str) -> None:
@@ -139,6 +140,28 @@ def run_once(ticket_path: Path | None, timeout: float) -> bool:
             dist.destroy_process_group()
 
 
+def wait_until_closed(host: str, port: int, limit: float = CLOSE_WAIT) -> bool:
+    """Wait until nothing listens at host:port (at most `limit` s); True if it closed.
+
+    Rank 0 of a round hosts the rendezvous (a TCPStore) at MASTER_ADDR:MASTER_PORT and exits
+    after it. A waiting rank that joined the next round while that process was still exiting
+    would register with the dying store and wait on it for ever; the next rank 0 (the stage's
+    next fine-tune or the launcher's release) starts only after the last one has exited, so
+    waiting here for the port to close first makes the order certain."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                pass
+        except OSError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def follow() -> int:
     """A waiting rank of an AzureML job: take part in every fine-tune of the flow run until
     rank 0's launcher says the flow run is over."""
@@ -153,6 +176,8 @@ def follow() -> int:
             say(rank, f"that fine-tune failed ({type(exc).__name__}); waiting for the next")
         AcceleratorState._reset_state(True)  # a new Trainer next time, in a new process group
         PartialState._reset_state()
+        if not wait_until_closed(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])):
+            say(rank, f"the last round's rank 0 still listens after {CLOSE_WAIT} s; joining anyway")
 
 
 def main(argv: list[str] | None = None) -> int:
