@@ -154,6 +154,7 @@ def search_export_recipe(
     """
     from slmflow import recipes
     from slmflow.errors import StageCheckError
+    from slmflow.fidelity import compare, read_predictions
 
     search, max_drop = config.export.search, config.evaluate.max_accuracy_drop
     merged_acc = merged_eval.meta["accuracy"]
@@ -179,7 +180,11 @@ def search_export_recipe(
         except Exception as exc:  # noqa: BLE001 - a broken candidate is a finding, not the end
             error = f"{type(exc).__name__}: {exc}"
             print(f"recipe search: {name} failed: {error}")
-        return recipes.candidate_record(name, onnx, evaluation, merged_acc, max_drop, error)
+        fidelity = None
+        if evaluation is not None:  # how closely it answers like the merged model, same rows
+            fidelity = compare(read_predictions(merged_eval), read_predictions(evaluation))
+        return recipes.candidate_record(name, onnx, evaluation, merged_acc, max_drop, error,
+                                        fidelity, search)
 
     parallel = search.max_parallel  # placed: each sub-run on a machine of its pool
     if parallel > 1 and not placed:  # here: this machine's memory decides how many run at once
@@ -188,7 +193,7 @@ def search_export_recipe(
         params = describe_model(model_dir(merged))["parameters"]
         parallel = recipes.parallel_limit(search, params, log=print)
     records = recipes.run_search(search, run_candidate, parallel)
-    summary = recipes.search_summary(records, search.objective, merged_acc, max_drop)
+    summary = recipes.search_summary(records, search.objective, merged_acc, max_drop, search)
     pick = summary["chosen"] or max(built, key=lambda n: built[n][1].meta["accuracy"], default=None)
     if pick is None:
         raise StageCheckError(recipes.failure_message(summary))

@@ -57,6 +57,7 @@ class Backend:
     tokenizer: Any
     folder: Path
     engine: Any = None  # onnxruntime-genai's Model, for its own tokenizer
+    module: Any = None  # the PyTorch model (slmflow.sensitivity changes its weights in place)
 
 
 def _log_softmax(logits: Any) -> Any:
@@ -110,7 +111,7 @@ def torch_backend(folder: Path, trust_remote_code: bool = False) -> Backend:
             scores += [flat[i:i + len(labels)] for i in range(0, len(flat), len(labels))]
         return scores
 
-    return Backend(generate, score_labels, tokenizer, folder)
+    return Backend(generate, score_labels, tokenizer, folder, module=model)
 
 
 def onnx_backend(folder: Path) -> Backend:
@@ -190,3 +191,12 @@ def generate_answers(
         for i, tokens in zip(batch, out):
             new[i], waited[i] = tokens, seconds
     return new, waited
+
+
+def label_probabilities(backend, prompts: list[list[int]], labels: list[str]) -> list[dict[str, float]]:
+    """Each row's distribution over the label set at the answer position (`slmflow.fidelity`)."""
+    from slmflow.fidelity import normalized
+
+    label_ids = [backend.tokenizer(lab, add_special_tokens=False)["input_ids"] for lab in labels]
+    return [normalized(dict(zip(labels, scores)))
+            for scores in backend.score_labels(prompts, label_ids)]

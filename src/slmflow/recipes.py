@@ -15,7 +15,7 @@ from html import escape
 from typing import Any
 
 from slmflow.artifacts import ArtifactRef
-from slmflow.config import ExportConfig, RecipeSearchConfig
+from slmflow.config import ExportConfig, RecipeSearchConfig, SensitivityConfig
 
 # How each named recipe sets the builder (fields of ExportConfig); unset fields keep the
 # builder's defaults, so int4_k_quant_mixed is exactly the manual default's export.
@@ -25,8 +25,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "int4_rtn_b32": {"precision": "int4", "algo_config": "rtn", "block_size": 32},
     "int4_rtn_b16": {"precision": "int4", "algo_config": "rtn", "block_size": 16},
     "int4_default": {"precision": "int4", "algo_config": "default"},
+    "int4_hqq": {"precision": "int4", "quantizer": "hqq", "block_size": 32},
+    "int4_gptq": {"precision": "int4", "quantizer": "gptq", "block_size": 32},
     "int4_k_quant": {"precision": "int4", "algo_config": "k_quant"},
     "int4_k_quant_last": {"precision": "int4", "algo_config": "k_quant_last"},
+    "int4_sensitive": {"precision": "int4", "algo_config": "default",
+                       "sensitivity": {"int8_budget": 0.25, "rows": 16}},
     "int4_k_quant_mixed": {"precision": "int4", "algo_config": "k_quant_mixed"},
     "int8": {"precision": "int8", "algo_config": "default"},
     "fp16": {"precision": "fp16", "algo_config": "default"},
@@ -36,9 +40,11 @@ BUILDER_DEFAULT = "int4_default"
 
 def candidate_config(cfg: ExportConfig, name: str) -> ExportConfig:
     """The manual export config of recipe `name` (execution provider and extras kept)."""
+    recipe = dict(RECIPES[name])
+    recipe["sensitivity"] = SensitivityConfig(**recipe.get("sensitivity", {}))
     return cfg.model_copy(update={
         "recipe": "manual", "search": RecipeSearchConfig(), "block_size": None,
-        "matmul_mixed_precision": None, **RECIPES[name],
+        "matmul_mixed_precision": None, "quantizer": "builder", **recipe,
     })
 
 
@@ -48,8 +54,11 @@ def gate_passed(merged_accuracy: float, accuracy: float, max_drop: float) -> boo
 
 
 def candidate_record(name: str, onnx: ArtifactRef | None, evaluation: ArtifactRef | None,
-                     merged_accuracy: float, max_drop: float, error: str | None = None) -> dict:
-    """One row of the search: what was built, how it scored, and the verdict."""
+                     merged_accuracy: float, max_drop: float, error: str | None = None,
+                     fidelity: dict[str, Any] | None = None,
+                     floors: RecipeSearchConfig | None = None) -> dict:
+    """One row of the search: what was built, how it scored (and how closely it answers like
+    the merged model: `fidelity`, from slmflow.fidelity.compare), and the verdict."""
     record: dict[str, Any] = {"recipe": name, **RECIPES[name], "verdict": "failed", "error": error}
     if onnx is not None:
         record.update(size_bytes=onnx.meta.get("size_bytes"), onnx_key=onnx.key, onnx_uri=onnx.uri)
@@ -58,9 +67,25 @@ def candidate_record(name: str, onnx: ArtifactRef | None, evaluation: ArtifactRe
         record.update(accuracy=m["accuracy"], macro_f1=m["macro_f1"],
                       latency_ms_p50=m["latency_ms_p50"], latency_ms_p95=m["latency_ms_p95"],
                       evaluation_key=evaluation.key)
-        ok = gate_passed(merged_accuracy, m["accuracy"], max_drop)
-        record["verdict"] = "passed" if ok else "below gate"
+        if fidelity is not None:
+            record.update(agreement=fidelity["agreement"], label_kl=fidelity["label_kl_mean"])
+        record["verdict"] = verdict(record, merged_accuracy, max_drop, floors)
     return record
+
+
+def verdict(record: dict[str, Any], merged_accuracy: float, max_drop: float,
+            floors: RecipeSearchConfig | None) -> str:
+    """passed, below gate (accuracy), or below fidelity floor (agreement / label KL)."""
+    if not gate_passed(merged_accuracy, record["accuracy"], max_drop):
+        return "below gate"
+    if floors is None:
+        return "passed"
+    agreement, kl = record.get("agreement"), record.get("label_kl")
+    if floors.min_agreement is not None and (agreement is None or agreement < floors.min_agreement):
+        return "below fidelity floor"
+    if floors.max_label_kl is not None and (kl is None or kl > floors.max_label_kl):
+        return "below fidelity floor"
+    return "passed"
 
 
 def choose(records: list[dict], objective: str) -> dict | None:
@@ -116,13 +141,15 @@ def parallel_limit(cfg: RecipeSearchConfig, params: int, log: Callable[[str], No
 
 
 def search_summary(records: list[dict], objective: str, merged_accuracy: float,
-                   max_drop: float) -> dict[str, Any]:
+                   max_drop: float, floors: RecipeSearchConfig | None = None) -> dict[str, Any]:
     chosen = choose(records, objective)
     builder_default = next((r for r in records if r["recipe"] == BUILDER_DEFAULT), None)
     return {
         "objective": objective,
         "merged_accuracy": merged_accuracy,
         "min_accuracy": round(merged_accuracy - max_drop, 6),
+        "min_agreement": floors.min_agreement if floors else None,
+        "max_label_kl": floors.max_label_kl if floors else None,
         "chosen": chosen["recipe"] if chosen else None,
         "builder_default": builder_default and {
             k: builder_default.get(k) for k in ("verdict", "accuracy", "size_bytes", "error")},
@@ -131,15 +158,25 @@ def search_summary(records: list[dict], objective: str, merged_accuracy: float,
     }
 
 
+def _row(r: dict[str, Any]) -> str:
+    if "accuracy" not in r:
+        return f"{r['recipe']} failed ({(r.get('error') or '')[:80]})"
+    text = f"{r['recipe']} {r['accuracy']:.4f}"
+    if r.get("agreement") is not None:
+        text += f" (agreement {r['agreement']:.3f}, KL {r['label_kl']:.4f})"
+    return text
+
+
 def failure_message(summary: dict[str, Any]) -> str:
-    rows = "; ".join(
-        f"{r['recipe']} {r['accuracy']:.4f}" if "accuracy" in r
-        else f"{r['recipe']} failed ({(r.get('error') or '')[:80]})"
-        for r in summary["candidates"])
+    rows = "; ".join(_row(r) for r in summary["candidates"])
+    floors = [f"agreement >= {summary['min_agreement']}" if summary.get("min_agreement") is not None else "",
+              f"label KL <= {summary['max_label_kl']}" if summary.get("max_label_kl") is not None else ""]
+    floors_text = " and ".join(f for f in floors if f)
     return (f"recipe search: no candidate holds the quality gate (accuracy >= "
             f"{summary['min_accuracy']:.4f} = merged {summary['merged_accuracy']:.4f} - "
-            f"evaluate.max_accuracy_drop): {rows}; add int8/fp16 to export.search.candidates or "
-            "allow a larger evaluate.max_accuracy_drop")
+            f"evaluate.max_accuracy_drop)" + (f" and {floors_text} (export.search)" if floors_text else "")
+            + f": {rows}; add int8/fp16 to export.search.candidates or allow a larger "
+            "evaluate.max_accuracy_drop" + (" or looser export.search floors" if floors_text else ""))
 
 
 def recipe_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -148,7 +185,9 @@ def recipe_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
     for r in summary["candidates"]:
         verdict = r["verdict"]
         if r["recipe"] == summary["chosen"]:
-            verdict = f"chosen ({summary['objective']} within the gate)"
+            floors = summary.get("min_agreement") is not None or summary.get("max_label_kl") is not None
+            verdict = (f"chosen ({summary['objective']} within the gate"
+                       + (" and fidelity floors)" if floors else ")"))
         elif r["verdict"] == "failed":
             verdict = f"failed: {(r.get('error') or '')[:120]}"
         rows.append({
@@ -156,6 +195,8 @@ def recipe_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
             "size_mb": round(r["size_bytes"] / 2**20, 1) if r.get("size_bytes") else "",
             "accuracy": round(r["accuracy"], 4) if "accuracy" in r else "",
             "macro_f1": round(r["macro_f1"], 4) if "macro_f1" in r else "",
+            "agreement": round(r["agreement"], 4) if r.get("agreement") is not None else "",
+            "label_kl": round(r["label_kl"], 4) if r.get("label_kl") is not None else "",
             "p50_ms": r.get("latency_ms_p50", ""),
             "p95_ms": r.get("latency_ms_p95", ""),
             "pareto": "yes" if r["recipe"] in summary["pareto_front"] else "",

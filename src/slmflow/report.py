@@ -125,8 +125,13 @@ def _search_section(search: dict[str, Any] | None, inline: bool) -> list[str]:
     if not search:
         return []
     default = search.get("builder_default")
+    floors = [f"agreement with merged ≥ {search['min_agreement']}"
+              if search.get("min_agreement") is not None else "",
+              f"label KL ≤ {search['max_label_kl']}" if search.get("max_label_kl") is not None else ""]
+    floors_text = " and ".join(f for f in floors if f)
     why = (f"Candidates must reach accuracy {search['min_accuracy']:.4f} (merged "
-           f"{search['merged_accuracy']:.4f} minus evaluate.max_accuracy_drop); chosen: "
+           f"{search['merged_accuracy']:.4f} minus evaluate.max_accuracy_drop)"
+           + (f" and {floors_text}" if floors_text else "") + "; chosen: "
            f"**{search['chosen'] or 'none'}**, the {search['objective']} of those that do.")
     if default:
         acc = default.get("accuracy")
@@ -149,6 +154,24 @@ def _gate_line(gate: dict[str, Any]) -> str:
     return line
 
 
+def selection(gate_set: str, set_names: list[str], searched: bool) -> dict[str, Any]:
+    """Which rows made which choice, and which figures no choice has seen."""
+    return {"trained_on": "the train split", "gate_judged_on": gate_set,
+            "recipe_chosen_on": gate_set if searched else None,
+            "untouched_sets": [n for n in set_names if n != gate_set]}
+
+
+def _selection_line(sel: dict[str, Any] | None) -> str:
+    if not sel:
+        return ""
+    chosen = (f"the export recipe was chosen on {sel['recipe_chosen_on']} and "
+              if sel["recipe_chosen_on"] else "")
+    untouched = ", ".join(sel["untouched_sets"]) or "none"
+    return (f"Which rows chose what: the adapter trained on {sel['trained_on']}; {chosen}the "
+            f"gate judged on {sel['gate_judged_on']}. Figures on {untouched} were used for no "
+            "choice: quote those.")
+
+
 def render_markdown(report: dict[str, Any], inline_images: bool = False) -> str:
     gate = report["quality_gate"]
     exported = report["models"].get("exported")
@@ -162,6 +185,7 @@ def render_markdown(report: dict[str, Any], inline_images: bool = False) -> str:
         f"Exported model: `{report['exported_model_dir']}`",
         "## Models on the eval split\n\n" + _md_table(model_table(report["models"])),
         _gate_line(gate),
+        _selection_line(report.get("selection")),
         *_fidelity_section(report),
         *_search_section(report.get("export_search"), inline_images),
         "## Confusion matrix (exported)\n\n" + confusion,
@@ -217,6 +241,7 @@ def build_report(
         "merge": merged.meta,
         "export": onnx.meta,
         "export_search": search,
+        "selection": selection(gate_set, list(sets), search is not None),
         "stages": timings,
         "total_seconds": round(total_seconds, 2),
         "config": config.model_dump(mode="json"),

@@ -76,6 +76,19 @@ def test_report_files(tmp_path):
     assert "| eval | 2 | 1.0000 [0.200, 1.000] | 1.0000 [0.200, 1.000] | 1.0 |" in md
     assert "McNemar p = 1.000: the difference is within noise" in md
     assert (tmp_path / "out" / "confusion_exported.svg").read_text().startswith("<svg")
+    assert loaded["selection"] == {"trained_on": "the train split", "gate_judged_on": "eval",
+                                   "recipe_chosen_on": None, "untouched_sets": []}
+    assert "the gate judged on eval. Figures on none were used for no choice" in md
+
+
+def test_selection_names_the_sets_no_choice_has_seen():
+    from slmflow.report import _selection_line, selection
+
+    sel = selection("tones_shifted", ["eval", "tones_shifted", "other"], searched=True)
+    assert sel["recipe_chosen_on"] == "tones_shifted" and sel["untouched_sets"] == ["eval", "other"]
+    line = _selection_line(sel)
+    assert "the export recipe was chosen on tones_shifted" in line
+    assert "Figures on eval, other were used for no choice" in line
 
 
 def test_svgs_render_values():

@@ -28,7 +28,10 @@ def _record(name, size_mb, acc, merged=0.9, drop=0.02, p50=10.0):
 
 def test_every_recipe_name_has_builder_settings():
     assert set(recipes.RECIPES) == set(ALL_RECIPES)
-    assert RecipeSearchConfig().candidates == list(ALL_RECIPES)
+    assert RecipeSearchConfig().candidates == [r for r in ALL_RECIPES
+                                               if r not in ("int4_gptq", "int4_hqq")]
+    for name in ALL_RECIPES:  # each builds a valid export config
+        ExportConfig.model_validate(recipes.candidate_config(ExportConfig(), name).model_dump())
 
 
 def test_candidate_shares_the_folder_of_the_same_manual_recipe(tmp_path):
@@ -127,3 +130,79 @@ def test_search_config_is_validated_naming_the_field():
     with pytest.raises(ConfigError, match=r"export.recipe: Input should be 'manual' or 'auto'"):
         build_config({"export": {"recipe": "search"}})
     assert PipelineConfig().export.recipe == "manual"
+
+
+def _faithful(name, size_mb, acc, agreement, kl):
+    onnx = _ref("onnx_model", name, size_bytes=int(size_mb * 2**20))
+    ev = _ref("evaluation", name + "e", accuracy=acc, macro_f1=acc, latency_ms_p50=1.0,
+              latency_ms_p95=2.0)
+    floors = RecipeSearchConfig(min_agreement=0.99, max_label_kl=0.05)
+    return recipes.candidate_record(name, onnx, ev, 0.9, 0.02, None,
+                                    {"agreement": agreement, "label_kl_mean": kl}, floors)
+
+
+def test_fidelity_floors_rule_out_a_candidate_the_accuracy_gate_lets_through():
+    records = [_faithful("int4_rtn_b128", 80, 0.9, 0.95, 0.01),   # same accuracy, other answers
+               _faithful("int4_rtn_b32", 90, 0.9, 0.995, 0.2),    # agrees, distributions moved
+               _faithful("int4_hqq", 95, 0.89, 1.0, 0.01),        # within everything
+               _faithful("int4_k_quant_mixed", 110, 0.5, 1.0, 0.0)]  # below the accuracy gate
+    assert [r["verdict"] for r in records] == [
+        "below fidelity floor", "below fidelity floor", "passed", "below gate"]
+    floors = RecipeSearchConfig(min_agreement=0.99, max_label_kl=0.05)
+    summary = recipes.search_summary(records, "smallest", 0.9, 0.02, floors)
+    assert summary["chosen"] == "int4_hqq"
+    assert (summary["min_agreement"], summary["max_label_kl"]) == (0.99, 0.05)
+    row = next(r for r in recipes.recipe_table(summary) if r["recipe"] == "int4_rtn_b128")
+    assert (row["agreement"], row["label_kl"]) == (0.95, 0.01)
+
+    records[2] = _faithful("int4_hqq", 95, 0.89, 0.98, 0.01)
+    summary = recipes.search_summary(records, "smallest", 0.9, 0.02, floors)
+    assert summary["chosen"] is None
+    message = recipes.failure_message(summary)
+    assert "agreement >= 0.99 and label KL <= 0.05 (export.search)" in message
+    assert "int4_hqq 0.8900 (agreement 0.980, KL 0.0100)" in message
+    assert "looser export.search floors" in message
+
+
+def test_without_floors_fidelity_is_reported_but_does_not_decide():
+    onnx = _ref("onnx_model", "x", size_bytes=1)
+    ev = _ref("evaluation", "xe", accuracy=0.9, macro_f1=0.9, latency_ms_p50=1.0, latency_ms_p95=1.0)
+    record = recipes.candidate_record("int4_hqq", onnx, ev, 0.9, 0.02, None,
+                                      {"agreement": 0.5, "label_kl_mean": 3.0}, RecipeSearchConfig())
+    assert record["verdict"] == "passed" and record["agreement"] == 0.5
+
+
+def test_new_export_fields_leave_the_keys_of_earlier_exports_alone(tmp_path):
+    """The quantizer and sensitivity fields enter an export's key only when used."""
+    from slmflow.stages.export import key_config
+
+    before = {"precision", "execution_provider", "algo_config", "block_size", "accuracy_level",
+              "matmul_mixed_precision", "extra_options"}
+    assert set(key_config(ExportConfig())) == before
+    hqq = recipes.candidate_config(ExportConfig(), "int4_hqq")
+    assert set(key_config(hqq)) == before | {"quantizer"}
+    gptq = recipes.candidate_config(ExportConfig(), "int4_gptq")
+    assert set(key_config(gptq)) == before | {"quantizer", "calibration_rows"}
+    sensitive = recipes.candidate_config(ExportConfig(), "int4_sensitive")
+    assert key_config(sensitive)["sensitivity"] == {"int8_budget": 0.25, "rows": 16}
+    merged, data = _ref("merged_model", "m"), _ref("dataset", "d")
+    store = Store.at(tmp_path)
+    keys = {STAGE.key(recipes.candidate_config(ExportConfig(), n), store, merged=merged, data=data)
+            for n in ("int4_default", "int4_hqq", "int4_gptq", "int4_sensitive")}
+    assert len(keys) == 4
+
+
+@pytest.mark.parametrize(("sets", "match"), [
+    (["export.quantizer=hqq", "export.precision=int8"], r"export.quantizer=hqq makes int4 models"),
+    (["export.quantizer=gptq", "export.execution_provider=cuda"], r"execution_provider=cpu"),
+    (["export.quantizer=hqq", "export.sensitivity.int8_budget=0.2"],
+     r"quantizes every MatMul alike; drop export.matmul_mixed_precision"),
+    (["export.precision=fp16", "export.sensitivity.int8_budget=0.2"],
+     r"int8_budget keeps int4 MatMuls at int8: set export.precision=int4"),
+    (["export.search.min_agreement=1.5"], r"min_agreement"),
+])
+def test_export_quantizer_settings_that_cannot_work_are_refused(sets, match):
+    from slmflow.configio import apply_overrides
+
+    with pytest.raises(ConfigError, match=match):
+        build_config(apply_overrides({}, sets), source="test")

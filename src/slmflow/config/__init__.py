@@ -30,10 +30,12 @@ from slmflow.config.base import (
 from slmflow.config.data import DataConfig
 from slmflow.config.export import (
     ALL_RECIPES,
+    DEFAULT_CANDIDATES,
     EvaluateConfig,
     ExportConfig,
     RecipeName,
     RecipeSearchConfig,
+    SensitivityConfig,
     eval_set_name,
 )
 from slmflow.config.finetune import DistributedConfig, FinetuneConfig, MergeConfig
@@ -41,10 +43,10 @@ from slmflow.config.model import BaseModelConfig
 from slmflow.config.placement import PlacementConfig
 
 __all__ = [
-    "ALL_RECIPES", "BUNDLED_TONES", "SEED_TEMPLATE", "SHIFTED_TONES", "SMOLLM2_GGUF",
+    "ALL_RECIPES", "BUNDLED_TONES", "DEFAULT_CANDIDATES", "SEED_TEMPLATE", "SHIFTED_TONES", "SMOLLM2_GGUF",
     "BaseModelConfig", "DataConfig", "DistributedConfig", "EvaluateConfig", "ExportConfig",
     "FinetuneConfig", "MergeConfig", "PathSpec", "PipelineConfig", "PlacementConfig", "RecipeName",
-    "RecipeSearchConfig", "eval_set_name",
+    "RecipeSearchConfig", "SensitivityConfig", "eval_set_name",
 ]
 
 

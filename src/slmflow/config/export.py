@@ -4,32 +4,55 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from slmflow.config.base import PathSpec, _Config
 
 RecipeName = Literal[
     "int4_rtn_b128", "int4_rtn_b64", "int4_rtn_b32", "int4_rtn_b16", "int4_default",
-    "int4_k_quant", "int4_k_quant_last", "int4_k_quant_mixed", "int8", "fp16",
+    "int4_hqq", "int4_gptq", "int4_k_quant", "int4_k_quant_last", "int4_sensitive",
+    "int4_k_quant_mixed", "int8", "fp16",
 ]
 ALL_RECIPES: tuple[str, ...] = RecipeName.__args__  # from the smallest expected model up
+# Tried only when asked: GPTQ runs the model over its calibration rows once per layer (minutes
+# on SmolLM2 on a CPU); onnxruntime 1.32's HQQ lost the fine-tune of SmolLM2 here (it answered
+# like the base model, accuracy 0 on both sets; bench.recipes).
+DEFAULT_CANDIDATES: tuple[str, ...] = tuple(r for r in ALL_RECIPES if r not in ("int4_gptq", "int4_hqq"))
 
 
 class RecipeSearchConfig(_Config):
     """What `export.recipe: auto` tries, and how it picks (see slmflow.recipes)."""
 
     candidates: list[RecipeName] = Field(
-        default_factory=lambda: list(ALL_RECIPES),
+        default_factory=lambda: list(DEFAULT_CANDIDATES),
         min_length=1,
         title="Candidates",
         description="Recipes to export and evaluate: int4 RTN by block size (b16-b128), int4_default "
-        "(the builder's own: RTN, block 32), int4 k_quant / k_quant_last / k_quant_mixed, int8, fp16.",
+        "(the builder's own: RTN, block 32), int4_hqq / int4_gptq (onnxruntime's quantizer on the "
+        "builder's fp32 graph; GPTQ calibrates on training prompts; neither is in the default "
+        "list: GPTQ is slow, HQQ lost SmolLM2's fine-tune here), int4 k_quant / k_quant_last / k_quant_mixed, int4_sensitive (RTN with the "
+        "MatMuls int4 hurts most at int8, within a 25% size budget), int8, fp16.",
     )
     objective: Literal["smallest", "fastest"] = Field(
         "smallest",
         title="Objective",
-        description="Among the candidates within the quality gate, keep the smallest on disk or "
-        "the fastest (p50 latency on the eval split).",
+        description="Among the candidates within the quality gate (and the fidelity floors), keep "
+        "the smallest on disk or the fastest (p50 latency on the gate's set).",
+    )
+    min_agreement: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        title="Min agreement",
+        description="Fidelity floor: a candidate must give the merged model's answer on at least "
+        "this share of the gate set's rows (e.g. 0.99). null: no floor.",
+    )
+    max_label_kl: float | None = Field(
+        None,
+        ge=0.0,
+        title="Max label KL",
+        description="Fidelity floor: a candidate's mean KL(merged ‖ candidate) over the label set "
+        "on the gate set's rows must be at most this (nats, e.g. 0.05). null: no floor.",
     )
     max_parallel: int = Field(
         1,
@@ -46,6 +69,24 @@ class RecipeSearchConfig(_Config):
         if twice:
             raise ValueError(f"{', '.join(twice)} listed twice; name each recipe once")
         return value
+
+
+class SensitivityConfig(_Config):
+    """Sensitivity-guided mixed precision (see slmflow.sensitivity)."""
+
+    int8_budget: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        title="int8 size budget",
+        description="Keep the MatMuls whose int4 rounding alone moves the label KL most at int8, "
+        "while the extra weight bytes stay within this share of the int4 weights' (0.25: at most "
+        "25% more). 0: off.",
+    )
+    rows: int = Field(
+        16, ge=1, le=1024, title="Calibration rows",
+        description="Training rows (balanced over labels) the ranking is measured on.",
+    )
 
 
 class ExportConfig(_Config):
@@ -93,6 +134,38 @@ class ExportConfig(_Config):
         title="Extra builder options",
         description="Passed as --extra_options KEY=VALUE (e.g. is_symmetric: false).",
     )
+    quantizer: Literal["builder", "hqq", "gptq"] = Field(
+        "builder",
+        title="Quantizer",
+        description="builder: the model builder quantizes (algo_config). hqq / gptq: the builder "
+        "writes the fp32 graph and onnxruntime's HQQ (no data) or GPTQ (calibrated on training "
+        "prompts) quantizer makes its MatMuls int4 in blocks of block_size (default 32); int4 "
+        "on cpu only.",
+    )
+    calibration_rows: int = Field(
+        32, ge=1, le=4096, title="GPTQ calibration rows",
+        description="quantizer gptq: training rows (balanced over labels) used as calibration data.",
+    )
+    sensitivity: SensitivityConfig = Field(
+        default_factory=SensitivityConfig, title="Sensitivity-guided int8",
+        description="int4 only, quantizer builder.",
+    )
+
+    @model_validator(mode="after")
+    def _quantizer_fits(self) -> ExportConfig:
+        if self.quantizer != "builder":
+            if self.precision != "int4" or self.execution_provider != "cpu":
+                raise ValueError(f"export.quantizer={self.quantizer} makes int4 models for cpu; set "
+                                 "export.precision=int4 and export.execution_provider=cpu, or "
+                                 "export.quantizer=builder")
+            if self.matmul_mixed_precision or self.sensitivity.int8_budget:
+                raise ValueError(f"export.quantizer={self.quantizer} quantizes every MatMul alike; "
+                                 "drop export.matmul_mixed_precision and "
+                                 "export.sensitivity.int8_budget, or use export.quantizer=builder")
+        if self.sensitivity.int8_budget and self.precision != "int4":
+            raise ValueError("export.sensitivity.int8_budget keeps int4 MatMuls at int8: set "
+                             "export.precision=int4 or the budget to 0")
+        return self
 
 
 class EvaluateConfig(_Config):

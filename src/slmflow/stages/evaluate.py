@@ -67,21 +67,12 @@ def key_config(cfg: EvaluateConfig, labels: list[str], split: str, **_: Any) -> 
             "labels": labels, "split": split}
 
 
-def label_probabilities(backend, prompts: list[list[int]], labels: list[str]) -> list[dict[str, float]]:
-    """Each row's distribution over the label set at the answer position (`slmflow.fidelity`)."""
-    from slmflow.fidelity import normalized
-
-    label_ids = [backend.tokenizer(lab, add_special_tokens=False)["input_ids"] for lab in labels]
-    return [normalized(dict(zip(labels, scores)))
-            for scores in backend.score_labels(prompts, label_ids)]
-
-
 def build(cfg: EvaluateConfig, ws: Workspace, model: ArtifactRef, data: ArtifactRef,
           labels: list[str], split: str, trust_remote_code: bool) -> dict[str, Any]:
     """Evaluate one model (base_model, merged_model or onnx_model) on a prepared split."""
     from slmflow.fidelity import wilson_interval
     from slmflow.folders import read_split
-    from slmflow.generate import BATCH_SIZE, generate_answers, load_backend
+    from slmflow.generate import BATCH_SIZE, generate_answers, label_probabilities, load_backend
 
     rows = read_split(data, split)[: cfg.limit]
     backend = load_backend(model, trust_remote_code)

@@ -5,11 +5,18 @@ Runs `python -m onnxruntime_genai.models.builder -i MERGED -o OUT -p PRECISION -
 gives it back), through `slmflow.stages.builder_main`, which only makes onnxruntime's k-quant
 work a slice at a time (same bytes, ~0.6 GB less peak on SmolLM2); then checks that
 onnxruntime-genai loads the result and generates.
+
+Two more ways to int4 (`export.quantizer`): the builder writes the fp32 graph and
+`slmflow.stages.quantize_main` quantizes it with onnxruntime's HQQ or GPTQ; and
+`export.sensitivity.int8_budget` first ranks the MatMuls (`slmflow.sensitivity`) and has the
+builder keep the most sensitive at int8 (its exact per-node weight overrides).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,14 +43,63 @@ def builder_options(cfg: ExportConfig) -> dict[str, str]:
     return opts
 
 
-def builder_command(cfg: ExportConfig, model: Path, out: Path, cache: Path) -> list[str]:
+def builder_command(cfg: ExportConfig, model: Path, out: Path, cache: Path,
+                    int8_nodes: list[str] | None = None, tied: bool = False) -> list[str]:
+    if cfg.quantizer != "builder":  # the fp32 graph, quantized afterwards by onnxruntime
+        return [sys.executable, "-m", "slmflow.stages.builder_main", "-i", str(model),
+                "-o", str(out), "-p", "fp32", "-e", cfg.execution_provider, "-c", str(cache),
+                "--extra_options", "hf_token=false"]
     opts = builder_options(cfg)
+    overrides = []
+    if int8_nodes:  # the builder's exact per-node weight types
+        weights: dict[str, Any] = {
+            "overrides": [{"match": {"name": n}, "type": "int8"} for n in int8_nodes]}
+        if tied:  # else the structured form leaves a tied embedding fp32 (the plain form doesn't)
+            weights["op_types"] = ["MatMul", "Gather"]
+        overrides = ["--target_options", json.dumps({"quant_config": {"weights": weights}})]
     return [
         sys.executable, "-m", "slmflow.stages.builder_main",  # the builder's CLI, leaner k-quant
         "-i", str(model), "-o", str(out), "-p", cfg.precision,
         "-e", cfg.execution_provider, "-c", str(cache),
-        "--extra_options", *[f"{k}={v}" for k, v in opts.items()],
+        "--extra_options", *[f"{k}={v}" for k, v in opts.items()], *overrides,
     ]  # fmt: skip
+
+
+def _run_checked(cmd: list[str], cwd: Path, what: str, fix: str) -> None:
+    # The builder stamps the model with `git rev-parse HEAD` run next to its install, which finds
+    # whatever checkout holds the virtualenv: without a repository it stamps its own commit, so
+    # the same export has the same bytes whoever runs it.
+    env = {**os.environ, "GIT_DIR": os.devnull}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, check=False)
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        cause = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "")
+        raise StageCheckError(f"export: {what} failed (exit {proc.returncode}): {cause}; {fix}")
+
+
+def sensitive_nodes(cfg: ExportConfig, ws: Workspace, folder: Path,
+                    data: ArtifactRef) -> tuple[list[str], list[dict[str, Any]]]:
+    """The MatMuls kept at int8 and the whole ranking (`slmflow.sensitivity`)."""
+    from slmflow.folders import read_split
+    from slmflow.generate import torch_backend
+    from slmflow.sensitivity import calibration_rows, rank, within_budget
+    from slmflow.stage import release_memory
+
+    train = read_split(data, "train")
+    labels = sorted(data.meta["train"]["labels"])
+    backend = torch_backend(folder)
+    prompts = [backend.tokenizer(r["prompt"])["input_ids"]
+               for r in calibration_rows(train, cfg.sensitivity.rows)]
+    ranking = rank(backend, prompts, labels, cfg.block_size or 32)
+    del backend
+    release_memory()
+    total = sum(r["parameters"] for r in ranking)
+    kept = within_budget(ranking, cfg.sensitivity.int8_budget, total)
+    ws.log(f"export: int8 for the {len(kept)} MatMuls int4 hurts most (label KL "
+           f"{ranking[0]['label_kl']:.3g} .. {ranking[-1]['label_kl']:.3g}): {', '.join(kept[:6])}"
+           + (" ..." if len(kept) > 6 else ""))
+    (ws.work / "sensitivity.json").write_text(json.dumps(ranking, indent=1))
+    return kept, ranking
 
 
 def smoke_generate(folder: Path, prompt: str, max_new_tokens: int = 4) -> str:
@@ -59,8 +115,16 @@ def smoke_generate(folder: Path, prompt: str, max_new_tokens: int = 4) -> str:
 
 def key_config(cfg: ExportConfig) -> dict[str, Any]:
     # What is built, not how it was chosen: a recipe search's candidate and the same recipe
-    # asked for by hand share one folder.
-    return cfg.model_dump(mode="json", exclude={"recipe", "search"})
+    # asked for by hand share one folder. The quantizer and sensitivity fields count only when
+    # used, so the exports made before they existed keep their keys.
+    dumped = cfg.model_dump(mode="json", exclude={"recipe", "search"})
+    if cfg.quantizer == "builder":
+        dumped.pop("quantizer")
+    if cfg.quantizer != "gptq":
+        dumped.pop("calibration_rows")
+    if not cfg.sensitivity.int8_budget:
+        dumped.pop("sensitivity")
+    return dumped
 
 
 def build(cfg: ExportConfig, ws: Workspace, merged: ArtifactRef, data: ArtifactRef) -> dict[str, Any]:
@@ -72,20 +136,26 @@ def build(cfg: ExportConfig, ws: Workspace, merged: ArtifactRef, data: ArtifactR
     params = describe_model(folder)["parameters"]
     check_resources("export", *estimate_export(params, cfg.precision), ws.out)  # before the builder
 
-    cmd = builder_command(cfg, folder, ws.out, ws.work / "builder-cache")
+    int8_nodes, ranking = [], None
+    if cfg.sensitivity.int8_budget:
+        int8_nodes, ranking = sensitive_nodes(cfg, ws, folder, data)
+    graph = ws.out if cfg.quantizer == "builder" else ws.work / "fp32"
+    tied = json.loads((folder / "config.json").read_text()).get("tie_word_embeddings", False)
+    cmd = builder_command(cfg, folder, graph, ws.work / "builder-cache", int8_nodes, bool(tied))
     ws.log("export: " + " ".join(cmd[2:]))
-    # The builder stamps the model with `git rev-parse HEAD` run next to its install, which finds
-    # whatever checkout holds the virtualenv: without a repository it stamps its own commit, so
-    # the same export has the same bytes whoever runs it.
-    env = {**os.environ, "GIT_DIR": os.devnull}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ws.work, env=env, check=False)
-    if proc.returncode != 0 or not (ws.out / "genai_config.json").is_file():
-        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
-        cause = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "")
-        raise StageCheckError(
-            f"export: the model builder failed (exit {proc.returncode}): {cause}; check "
-            "export.block_size (hidden sizes must divide by it) and export.algo_config"
-        )
+    _run_checked(cmd, ws.work, "the model builder", "check export.block_size (hidden sizes must "
+                 "divide by it) and export.algo_config")
+    if cfg.quantizer != "builder":
+        from slmflow.stages.quantize_main import quantize_command
+
+        cmd = quantize_command(cfg, graph, ws.out, data)
+        ws.log("export: " + " ".join(cmd[2:]))
+        _run_checked(cmd, ws.work, f"onnxruntime's {cfg.quantizer.upper()} quantizer",
+                     "try export.quantizer=builder or another export.block_size")
+        shutil.rmtree(graph)
+    if not (ws.out / "genai_config.json").is_file():
+        raise StageCheckError("export: the model builder wrote no genai_config.json; check "
+                              "export.precision and export.execution_provider")
     prompt = read_split(data, "eval")[0]["prompt"]
     try:
         sample = smoke_generate(ws.out, prompt)
@@ -95,13 +165,18 @@ def build(cfg: ExportConfig, ws: Workspace, merged: ArtifactRef, data: ArtifactR
             "export.algo_config or export.matmul_mixed_precision"
         ) from None
     ws.log(f"export: loads and generates: {sample!r}")
-    return {
+    meta = {
         "precision": cfg.precision,
         "execution_provider": cfg.execution_provider,
         "builder_options": builder_options(cfg),
         "size_bytes": dir_size(ws.out),
         "smoke_output": sample,
     }
+    if cfg.quantizer != "builder":
+        meta["quantizer"] = cfg.quantizer
+    if ranking is not None:
+        meta.update(int8_nodes=int8_nodes, sensitivity=ranking)
+    return meta
 
 
 STAGE = Stage(name="export", kind="onnx_model", version=1, inputs=("merged", "data"),
