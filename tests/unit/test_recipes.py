@@ -206,3 +206,22 @@ def test_export_quantizer_settings_that_cannot_work_are_refused(sets, match):
 
     with pytest.raises(ConfigError, match=match):
         build_config(apply_overrides({}, sets), source="test")
+
+
+def test_builder_gets_the_int8_nodes_as_exact_overrides(tmp_path):
+    import json as _json
+
+    from slmflow.stages.export import builder_command
+
+    cfg = recipes.candidate_config(ExportConfig(), "int4_sensitive")
+    nodes = ["/model/layers.3/mlp/down_proj/MatMul"]
+    cmd = builder_command(cfg, tmp_path / "m", tmp_path / "o", tmp_path / "c", nodes, tied=True)
+    weights = _json.loads(cmd[cmd.index("--target_options") + 1])["quant_config"]["weights"]
+    assert weights["overrides"] == [{"match": {"name": nodes[0]}, "type": "int8"}]
+    assert weights["op_types"] == ["MatMul", "Gather"]  # a tied embedding stays int4
+    untied = builder_command(cfg, tmp_path / "m", tmp_path / "o", tmp_path / "c", nodes)
+    assert "op_types" not in _json.loads(untied[untied.index("--target_options") + 1])[
+        "quant_config"]["weights"]
+    hqq = builder_command(recipes.candidate_config(ExportConfig(), "int4_hqq"), tmp_path / "m",
+                          tmp_path / "o", tmp_path / "c")
+    assert hqq[hqq.index("-p") + 1] == "fp32" and "--target_options" not in hqq

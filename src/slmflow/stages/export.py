@@ -77,9 +77,18 @@ def _run_checked(cmd: list[str], cwd: Path, what: str, fix: str) -> None:
         raise StageCheckError(f"export: {what} failed (exit {proc.returncode}): {cause}; {fix}")
 
 
-def sensitive_nodes(cfg: ExportConfig, ws: Workspace, folder: Path,
-                    data: ArtifactRef) -> tuple[list[str], list[dict[str, Any]]]:
-    """The MatMuls kept at int8 and the whole ranking (`slmflow.sensitivity`)."""
+def tied_embeddings(folder: Path) -> bool:
+    """Whether the model's LM head is its embedding table (its config class decides a default)."""
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(folder), "tie_word_embeddings", False))
+
+
+def sensitive_nodes(cfg: ExportConfig, ws: Workspace, folder: Path, data: ArtifactRef,
+                    tied: bool) -> tuple[list[str], list[dict[str, Any]]]:
+    """The MatMuls kept at int8 and the whole ranking (`slmflow.sensitivity`). With tied
+    embeddings the LM head stays int4: the builder's int4 embedding reads its weights (an int8
+    LM head there made a graph onnxruntime refuses)."""
     from slmflow.folders import read_split
     from slmflow.generate import torch_backend
     from slmflow.sensitivity import calibration_rows, rank, within_budget
@@ -94,7 +103,8 @@ def sensitive_nodes(cfg: ExportConfig, ws: Workspace, folder: Path,
     del backend
     release_memory()
     total = sum(r["parameters"] for r in ranking)
-    kept = within_budget(ranking, cfg.sensitivity.int8_budget, total)
+    eligible = [r for r in ranking if not (tied and r["node"] == "/lm_head/MatMul")]
+    kept = within_budget(eligible, cfg.sensitivity.int8_budget, total)
     ws.log(f"export: int8 for the {len(kept)} MatMuls int4 hurts most (label KL "
            f"{ranking[0]['label_kl']:.3g} .. {ranking[-1]['label_kl']:.3g}): {', '.join(kept[:6])}"
            + (" ..." if len(kept) > 6 else ""))
@@ -136,12 +146,12 @@ def build(cfg: ExportConfig, ws: Workspace, merged: ArtifactRef, data: ArtifactR
     params = describe_model(folder)["parameters"]
     check_resources("export", *estimate_export(params, cfg.precision), ws.out)  # before the builder
 
+    tied = tied_embeddings(folder)
     int8_nodes, ranking = [], None
     if cfg.sensitivity.int8_budget:
-        int8_nodes, ranking = sensitive_nodes(cfg, ws, folder, data)
+        int8_nodes, ranking = sensitive_nodes(cfg, ws, folder, data, tied)
     graph = ws.out if cfg.quantizer == "builder" else ws.work / "fp32"
-    tied = json.loads((folder / "config.json").read_text()).get("tie_word_embeddings", False)
-    cmd = builder_command(cfg, folder, graph, ws.work / "builder-cache", int8_nodes, bool(tied))
+    cmd = builder_command(cfg, folder, graph, ws.work / "builder-cache", int8_nodes, tied)
     ws.log("export: " + " ".join(cmd[2:]))
     _run_checked(cmd, ws.work, "the model builder", "check export.block_size (hidden sizes must "
                  "divide by it) and export.algo_config")
