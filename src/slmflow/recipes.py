@@ -158,20 +158,20 @@ def search_summary(records: list[dict], objective: str, merged_accuracy: float,
     }
 
 
-def _row(r: dict[str, Any]) -> str:
+def _row(r: dict[str, Any], fidelity: bool) -> str:
     if "accuracy" not in r:
         return f"{r['recipe']} failed ({(r.get('error') or '')[:80]})"
     text = f"{r['recipe']} {r['accuracy']:.4f}"
-    if r.get("agreement") is not None:
+    if fidelity and r.get("agreement") is not None:  # shown when floors decide
         text += f" (agreement {r['agreement']:.3f}, KL {r['label_kl']:.4f})"
     return text
 
 
 def failure_message(summary: dict[str, Any]) -> str:
-    rows = "; ".join(_row(r) for r in summary["candidates"])
     floors = [f"agreement >= {summary['min_agreement']}" if summary.get("min_agreement") is not None else "",
               f"label KL <= {summary['max_label_kl']}" if summary.get("max_label_kl") is not None else ""]
     floors_text = " and ".join(f for f in floors if f)
+    rows = "; ".join(_row(r, bool(floors_text)) for r in summary["candidates"])
     return (f"recipe search: no candidate holds the quality gate (accuracy >= "
             f"{summary['min_accuracy']:.4f} = merged {summary['merged_accuracy']:.4f} - "
             f"evaluate.max_accuracy_drop)" + (f" and {floors_text} (export.search)" if floors_text else "")

@@ -285,6 +285,7 @@ def front_door(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """A working folder holding the bases' data files, offline, with sockets that refuse."""
     import datasets.config
     import huggingface_hub.constants
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     work = tmp_path_factory.mktemp("fuzz")
     for rel in ("dataset/dataset-classification.json", "data/train.jsonl"):
@@ -314,7 +315,11 @@ def front_door(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
             mp.delenv(var, raising=False)
         mp.setattr(socket.socket, "connect", refuse)
         mp.setattr(socket.socket, "connect_ex", refuse)
-        yield door
+        mp.delenv("PREFECT_API_URL", raising=False)
+        # No Prefect API either: in a whole-suite run the e2e tests' session server is still
+        # configured, and `validate` of a config with placement asks it for the work pools.
+        with temporary_settings(restore_defaults={PREFECT_API_URL}):
+            yield door
 
 
 def snapshot(root: Path) -> set[str]:

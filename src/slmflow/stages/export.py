@@ -78,10 +78,15 @@ def _run_checked(cmd: list[str], cwd: Path, what: str, fix: str) -> None:
 
 
 def tied_embeddings(folder: Path) -> bool:
-    """Whether the model's LM head is its embedding table (its config class decides a default)."""
+    """Whether the model's LM head is its embedding table (its config class decides a default;
+    read from config.json: no code of the model's runs)."""
     from transformers import AutoConfig
 
-    return bool(getattr(AutoConfig.from_pretrained(folder), "tie_word_embeddings", False))
+    data = json.loads((folder / "config.json").read_text())
+    if "tie_word_embeddings" in data:
+        return bool(data["tie_word_embeddings"])
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    return bool(getattr(config, "tie_word_embeddings", False))
 
 
 def sensitive_nodes(cfg: ExportConfig, ws: Workspace, folder: Path, data: ArtifactRef,
