@@ -163,6 +163,7 @@ def search_export_recipe(
     evaluation_options = {"data": gate_data, "labels": config.data.labels,
                           "trust_remote_code": config.model.trust_remote_code}
     on = "" if gate_data is data else f"[{config.evaluate.gate_set}]"
+    merged_rows = read_predictions(merged_eval)  # each candidate is compared with these rows
 
     def run_candidate(name: str) -> dict[str, Any]:
         onnx = evaluation = error = None
@@ -182,7 +183,7 @@ def search_export_recipe(
             print(f"recipe search: {name} failed: {error}")
         fidelity = None
         if evaluation is not None:  # how closely it answers like the merged model, same rows
-            fidelity = compare(read_predictions(merged_eval), read_predictions(evaluation))
+            fidelity = compare(merged_rows, read_predictions(evaluation))
         return recipes.candidate_record(name, onnx, evaluation, merged_acc, max_drop, error,
                                         fidelity, search)
 

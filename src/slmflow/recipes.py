@@ -167,10 +167,15 @@ def _row(r: dict[str, Any], fidelity: bool) -> str:
     return text
 
 
-def failure_message(summary: dict[str, Any]) -> str:
+def _floors(summary: dict[str, Any]) -> str:
+    """The search's fidelity floors in words ("" when none is set)."""
     floors = [f"agreement >= {summary['min_agreement']}" if summary.get("min_agreement") is not None else "",
               f"label KL <= {summary['max_label_kl']}" if summary.get("max_label_kl") is not None else ""]
-    floors_text = " and ".join(f for f in floors if f)
+    return " and ".join(f for f in floors if f)
+
+
+def failure_message(summary: dict[str, Any]) -> str:
+    floors_text = _floors(summary)
     rows = "; ".join(_row(r, bool(floors_text)) for r in summary["candidates"])
     return (f"recipe search: no candidate holds the quality gate (accuracy >= "
             f"{summary['min_accuracy']:.4f} = merged {summary['merged_accuracy']:.4f} - "
@@ -185,9 +190,8 @@ def recipe_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
     for r in summary["candidates"]:
         verdict = r["verdict"]
         if r["recipe"] == summary["chosen"]:
-            floors = summary.get("min_agreement") is not None or summary.get("max_label_kl") is not None
             verdict = (f"chosen ({summary['objective']} within the gate"
-                       + (" and fidelity floors)" if floors else ")"))
+                       + (" and fidelity floors)" if _floors(summary) else ")"))
         elif r["verdict"] == "failed":
             verdict = f"failed: {(r.get('error') or '')[:120]}"
         rows.append({

@@ -113,7 +113,6 @@ def sensitive_nodes(cfg: ExportConfig, ws: Workspace, folder: Path, data: Artifa
     ws.log(f"export: int8 for the {len(kept)} MatMuls int4 hurts most (label KL "
            f"{ranking[0]['label_kl']:.3g} .. {ranking[-1]['label_kl']:.3g}): {', '.join(kept[:6])}"
            + (" ..." if len(kept) > 6 else ""))
-    (ws.work / "sensitivity.json").write_text(json.dumps(ranking, indent=1))
     return kept, ranking
 
 
