@@ -107,12 +107,14 @@ def evaluate_and_export(
     merged: ArtifactRef,
 ) -> tuple[dict[str, dict[str, ArtifactRef]], ArtifactRef, dict[str, Any] | None]:
     """Base and merged evaluated on every set (the split, then each of evaluate.extra_files,
-    prepared with its own key), the export (or the recipe search, judged on the gate's set),
-    then the exported model on every set; (sets, the export, the search)."""
+    prepared with its own key), the export (or the recipe search, judged on the validation split
+    when the data has one, else on the gate's set), then the exported model on every set;
+    (sets, the export, the search)."""
 
-    def evaluate(model: ArtifactRef, label: str, on: ArtifactRef = data) -> ArtifactRef:
+    def evaluate(model: ArtifactRef, label: str, on: ArtifactRef = data, **split: str) -> ArtifactRef:
         return stage(label, "evaluate", config.evaluate, model=model, data=on,
-                     labels=config.data.labels, trust_remote_code=config.model.trust_remote_code)
+                     labels=config.data.labels, trust_remote_code=config.model.trust_remote_code,
+                     **split)
 
     def label(who: str, name: str) -> str:
         return f"evaluate_{who}" if name == "eval" else f"evaluate_{who}[{name}]"
@@ -127,8 +129,15 @@ def evaluate_and_export(
             for name, on in prepared.items()}
     gate, search = config.evaluate.gate_set, None
     if config.export.recipe == "auto":  # every candidate exported and evaluated, one kept
-        onnx, _, search = search_export_recipe(
-            config, steps, merged, data, prepared[gate], sets[gate]["merged"])
+        # on the validation rows when the data has them: then no reported set made the choice
+        if "validation" in data.meta:
+            choice = {"merged": evaluate(merged, label("merged", "validation"), split="validation")}
+            onnx, choice["exported"], search = search_export_recipe(
+                config, steps, merged, data, data, choice["merged"], "validation")
+            sets["validation"] = choice
+        else:
+            onnx, _, search = search_export_recipe(
+                config, steps, merged, data, prepared[gate], sets[gate]["merged"], gate)
     else:
         onnx = stage("export", "export", config.export, merged=merged, data=data)
     for name, on in prepared.items():
@@ -141,11 +150,12 @@ def search_export_recipe(
     steps: Callable[..., list[ArtifactRef]],
     merged: ArtifactRef,
     data: ArtifactRef,
-    gate_data: ArtifactRef,
+    choice_data: ArtifactRef,
     merged_eval: ArtifactRef,
+    chosen_on: str,
 ) -> tuple[ArtifactRef, ArtifactRef, dict[str, Any]]:
-    """Export and evaluate each candidate recipe on the gate's set; (chosen export, its
-    evaluation, the search).
+    """Export and evaluate each candidate recipe on the set `chosen_on` (the validation split,
+    or the gate's set), prepared in `choice_data`; (chosen export, its evaluation, the search).
 
     With no candidate within the gate, the most accurate one stands in (so the report is
     complete) and `summary["chosen"]` is None: the run then fails listing every candidate.
@@ -160,9 +170,11 @@ def search_export_recipe(
     merged_acc = merged_eval.meta["accuracy"]
     built: dict[str, tuple[ArtifactRef, ArtifactRef]] = {}
     placed = config.placement.recipe_candidates is not None
-    evaluation_options = {"data": gate_data, "labels": config.data.labels,
+    evaluation_options = {"data": choice_data, "labels": config.data.labels,
                           "trust_remote_code": config.model.trust_remote_code}
-    on = "" if gate_data is data else f"[{config.evaluate.gate_set}]"
+    if chosen_on == "validation":
+        evaluation_options["split"] = "validation"
+    on = "" if chosen_on == "eval" else f"[{chosen_on}]"
     merged_rows = read_predictions(merged_eval)  # each candidate is compared with these rows
 
     def run_candidate(name: str) -> dict[str, Any]:
@@ -194,7 +206,8 @@ def search_export_recipe(
         params = describe_model(model_dir(merged))["parameters"]
         parallel = recipes.parallel_limit(search, params, log=print)
     records = recipes.run_search(search, run_candidate, parallel)
-    summary = recipes.search_summary(records, search.objective, merged_acc, max_drop, search)
+    summary = recipes.search_summary(records, search.objective, merged_acc, max_drop, search,
+                                     chosen_on)
     pick = summary["chosen"] or max(built, key=lambda n: built[n][1].meta["accuracy"], default=None)
     if pick is None:
         raise StageCheckError(recipes.failure_message(summary))

@@ -1,6 +1,7 @@
 """Pick the export recipe by measurement (`export.recipe: auto`).
 
-Every candidate recipe is exported and evaluated on the eval split with the ordinary export and
+Every candidate recipe is exported and evaluated (on the validation split when the data has one,
+else on the quality gate's set) with the ordinary export and
 evaluation stages (so each is its own content-keyed result, shared with a manual run of the same
 recipe); the smallest (or fastest) candidate within the quality gate wins. A candidate the builder
 breaks, or that fails to load or run, is recorded as failed with its error and the search goes on.
@@ -97,14 +98,16 @@ def choose(records: list[dict], objective: str) -> dict | None:
     return min(passed, key=lambda r: (r[metric], -r["accuracy"], r["recipe"]))
 
 
-def pareto_front(records: list[dict]) -> list[str]:
-    """Recipes no other candidate beats on both size (smaller) and accuracy (higher)."""
-    scored = [r for r in records if "accuracy" in r and r.get("size_bytes")]
+def pareto_front(records: list[dict], metric: str = "accuracy") -> list[str]:
+    """Recipes no other candidate beats on both size (smaller) and `metric` (accuracy: higher;
+    label_kl: lower)."""
+    sign = -1 if metric == "accuracy" else 1  # compare as "lower is better"
+    scored = [r for r in records if r.get(metric) is not None and r.get("size_bytes")]
     front = []
     for r in scored:
         dominated = any(
-            o["size_bytes"] <= r["size_bytes"] and o["accuracy"] >= r["accuracy"]
-            and (o["size_bytes"] < r["size_bytes"] or o["accuracy"] > r["accuracy"])
+            o["size_bytes"] <= r["size_bytes"] and sign * o[metric] <= sign * r[metric]
+            and (o["size_bytes"] < r["size_bytes"] or sign * o[metric] < sign * r[metric])
             for o in scored)
         if not dominated:
             front.append(r["recipe"])
@@ -141,7 +144,9 @@ def parallel_limit(cfg: RecipeSearchConfig, params: int, log: Callable[[str], No
 
 
 def search_summary(records: list[dict], objective: str, merged_accuracy: float,
-                   max_drop: float, floors: RecipeSearchConfig | None = None) -> dict[str, Any]:
+                   max_drop: float, floors: RecipeSearchConfig | None = None,
+                   chosen_on: str = "eval") -> dict[str, Any]:
+    """The search's record in the report; `chosen_on`: the set the candidates were judged on."""
     chosen = choose(records, objective)
     builder_default = next((r for r in records if r["recipe"] == BUILDER_DEFAULT), None)
     return {
@@ -154,6 +159,8 @@ def search_summary(records: list[dict], objective: str, merged_accuracy: float,
         "builder_default": builder_default and {
             k: builder_default.get(k) for k in ("verdict", "accuracy", "size_bytes", "error")},
         "pareto_front": pareto_front(records),
+        "pareto_front_kl": pareto_front(records, "label_kl"),
+        "chosen_on": chosen_on,
         "candidates": records,
     }
 
@@ -209,61 +216,82 @@ def recipe_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def search_svg(summary: dict[str, Any], width: int = 620, height: int = 340) -> str:
-    """Size against accuracy: every scored candidate, the gate, the Pareto front, the choice."""
-    scored = [r for r in summary["candidates"] if "accuracy" in r and r.get("size_bytes")]
+def _svg_scale(summary: dict[str, Any], scored: list[dict], metric: str) -> tuple:
+    """(x range in MB, y range, Pareto front, axis name, dashed threshold line or None)."""
+    sizes = [r["size_bytes"] / 2**20 for r in scored]
+    values = [r[metric] for r in scored]
+    if metric == "accuracy":
+        values.append(summary["min_accuracy"])
+        y = (max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.03))
+        front, name = summary["pareto_front"], "accuracy"
+        line = (summary["min_accuracy"], f"gate {summary['min_accuracy']:.3f}")
+    else:  # KL: 0 is perfect fidelity, at the top
+        y = (max(values) * 1.1, 0.0)
+        front, name = summary.get("pareto_front_kl") or [], "label KL(merged ‖ candidate)"
+        floor = summary.get("max_label_kl")
+        line = (floor, f"floor {floor}") if floor is not None else None
+    y = y if y[1] != y[0] else (y[0], y[0] + 0.1)
+    return (min(sizes) * 0.85, max(sizes) * 1.08), y, front, name, line
+
+
+def search_svg(summary: dict[str, Any], metric: str = "accuracy", width: int = 620,
+               height: int = 340) -> str:
+    """Size against accuracy (or label KL to the merged model): every scored candidate, the
+    gate (or the KL floor), the Pareto front, the choice."""
+    scored = [r for r in summary["candidates"] if r.get(metric) is not None and r.get("size_bytes")]
     head = f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">'
     if not scored:
         return head + '<text x="8" y="24">no candidate was evaluated</text></svg>'
     left, right, top, bottom = 56, 150, 24, 40
-    sizes = [r["size_bytes"] / 2**20 for r in scored]
-    accs = [r["accuracy"] for r in scored] + [summary["min_accuracy"]]
-    x0, x1 = min(sizes) * 0.85, max(sizes) * 1.08
-    y0, y1 = max(0.0, min(accs) - 0.05), min(1.0, max(accs) + 0.03)
-    y1 = y1 if y1 > y0 else y0 + 0.1
+    (x0, x1), (y0, y1), front_names, name, line = _svg_scale(summary, scored, metric)
 
     def px(size_mb: float) -> float:
         return left + (width - left - right) * (size_mb - x0) / (x1 - x0)
 
-    def py(acc: float) -> float:
-        return top + (height - top - bottom) * (1 - (acc - y0) / (y1 - y0))
+    def py(value: float) -> float:
+        return top + (height - top - bottom) * (1 - (value - y0) / (y1 - y0))
 
+    on, mid = summary.get("chosen_on", "eval"), (top + height - bottom) / 2
     parts = [head, '<rect width="100%" height="100%" fill="white"/>',
-             f'<text x="{left}" y="14" font-size="12">size on disk vs accuracy on the eval split</text>',
+             f'<text x="{left}" y="14" font-size="12">size on disk vs {escape(name)} on {escape(on)}</text>',
              f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#444"/>',
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#444"/>',
              f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">size (MB)</text>',
-             f'<text x="12" y="{(top + height - bottom) / 2}" transform="rotate(-90 12 {(top + height - bottom) / 2})" text-anchor="middle">accuracy</text>']
+             f'<text x="12" y="{mid}" transform="rotate(-90 12 {mid})" text-anchor="middle">{"accuracy" if metric == "accuracy" else "label KL"}</text>']
     for i in range(5):
-        acc = y0 + (y1 - y0) * i / 4
-        size = x0 + (x1 - x0) * i / 4
-        parts.append(f'<text x="{left - 4}" y="{py(acc) + 4:.1f}" text-anchor="end">{acc:.2f}</text>')
+        value, size = y0 + (y1 - y0) * i / 4, x0 + (x1 - x0) * i / 4
+        parts.append(f'<text x="{left - 4}" y="{py(value) + 4:.1f}" text-anchor="end">{value:.2f}</text>')
         parts.append(f'<text x="{px(size):.1f}" y="{height - bottom + 14}" text-anchor="middle">{size:.0f}</text>')
-    gate_y = py(summary["min_accuracy"])
-    parts.append(f'<line x1="{left}" y1="{gate_y:.1f}" x2="{width - right}" y2="{gate_y:.1f}" stroke="#d62728" stroke-dasharray="5,4"/>')
-    parts.append(f'<text x="{left + 4}" y="{gate_y - 4:.1f}" fill="#d62728">gate {summary["min_accuracy"]:.3f}</text>')
+    if line is not None:
+        ly = py(line[0])
+        parts.append(f'<line x1="{left}" y1="{ly:.1f}" x2="{width - right}" y2="{ly:.1f}" stroke="#d62728" stroke-dasharray="5,4"/>')
+        parts.append(f'<text x="{left + 4}" y="{ly - 4:.1f}" fill="#d62728">{escape(line[1])}</text>')
     by_name = {r["recipe"]: r for r in scored}
-    front = [by_name[n] for n in summary["pareto_front"] if n in by_name]
+    front = [by_name[n] for n in front_names if n in by_name]
     if len(front) > 1:
-        points = " ".join(f"{px(r['size_bytes'] / 2**20):.1f},{py(r['accuracy']):.1f}" for r in front)
+        points = " ".join(f"{px(r['size_bytes'] / 2**20):.1f},{py(r[metric]):.1f}" for r in front)
         parts.append(f'<polyline points="{points}" fill="none" stroke="#2ca02c" stroke-width="1.5"/>')
     for r in scored:
-        x, y = px(r["size_bytes"] / 2**20), py(r["accuracy"])
+        x, y = px(r["size_bytes"] / 2**20), py(r[metric])
         color = "#1f77b4" if r["verdict"] == "passed" else "#999"
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{color}"/>')
         parts.append(f'<text x="{x + 6:.1f}" y="{y - 5:.1f}" font-size="9">{escape(r["recipe"])}</text>')
         if r["recipe"] == summary["chosen"]:
             parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="9" fill="none" stroke="#ff7f0e" stroke-width="2.5"/>')
-    legend_x = width - right + 10
+    parts += _svg_legend(summary, width - right + 10, top)
+    return "".join(parts) + "</svg>"
+
+
+def _svg_legend(summary: dict[str, Any], x: float, top: float) -> list[str]:
+    parts = []
     for i, (color, label) in enumerate((("#ff7f0e", "chosen"), ("#2ca02c", "Pareto front"),
-                                        ("#1f77b4", "within gate"), ("#999", "below gate"))):
+                                        ("#1f77b4", "passed"), ("#999", "not passed"))):
         y = top + 30 + 16 * i
-        parts.append(f'<rect x="{legend_x}" y="{y - 8}" width="10" height="10" fill="{color}"/>')
-        parts.append(f'<text x="{legend_x + 14}" y="{y + 1}">{label}</text>')
+        parts.append(f'<rect x="{x}" y="{y - 8}" width="10" height="10" fill="{color}"/>')
+        parts.append(f'<text x="{x + 14}" y="{y + 1}">{label}</text>')
     failed = [r["recipe"] for r in summary["candidates"] if r["verdict"] == "failed"]
     if failed:
-        parts.append(f'<text x="{legend_x}" y="{top + 120}">failed:</text>')
+        parts.append(f'<text x="{x}" y="{top + 120}">failed:</text>')
         for i, name in enumerate(failed):
-            parts.append(f'<text x="{legend_x}" y="{top + 134 + 12 * i}" font-size="9">{escape(name)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+            parts.append(f'<text x="{x}" y="{top + 134 + 12 * i}" font-size="9">{escape(name)}</text>')
+    return parts

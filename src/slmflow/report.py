@@ -129,7 +129,8 @@ def _search_section(search: dict[str, Any] | None, inline: bool) -> list[str]:
               if search.get("min_agreement") is not None else "",
               f"label KL ≤ {search['max_label_kl']}" if search.get("max_label_kl") is not None else ""]
     floors_text = " and ".join(f for f in floors if f)
-    why = (f"Candidates must reach accuracy {search['min_accuracy']:.4f} (merged "
+    why = (f"Judged on {search.get('chosen_on', 'eval')}: candidates must reach accuracy "
+           f"{search['min_accuracy']:.4f} (merged "
            f"{search['merged_accuracy']:.4f} minus evaluate.max_accuracy_drop)"
            + (f" and {floors_text}" if floors_text else "") + "; chosen: "
            f"**{search['chosen'] or 'none'}**, the {search['objective']} of those that do.")
@@ -138,8 +139,11 @@ def _search_section(search: dict[str, Any] | None, inline: bool) -> list[str]:
         why += (" The builder's default (int4_default: RTN, block 32) "
                 + (f"scored {acc:.4f} ({default['verdict']})." if acc is not None
                    else f"failed: {default.get('error')}."))
-    return ["## Export recipe search\n\n" + why + "\n\n" + _md_table(recipe_table(search)),
-            _image("recipe search", "recipe_search.svg", search_svg(search), inline)]
+    images = [_image("recipe search", "recipe_search.svg", search_svg(search), inline)]
+    if search.get("pareto_front_kl"):
+        images.append(_image("recipe search, label KL", "recipe_search_kl.svg",
+                             search_svg(search, "label_kl"), inline))
+    return ["## Export recipe search\n\n" + why + "\n\n" + _md_table(recipe_table(search)), *images]
 
 
 def _gate_line(gate: dict[str, Any]) -> str:
@@ -154,11 +158,12 @@ def _gate_line(gate: dict[str, Any]) -> str:
     return line
 
 
-def selection(gate_set: str, set_names: list[str], searched: bool) -> dict[str, Any]:
+def selection(gate_set: str, set_names: list[str], search: dict[str, Any] | None) -> dict[str, Any]:
     """Which rows made which choice, and which figures no choice has seen."""
+    chosen_on = search.get("chosen_on", gate_set) if search else None
     return {"trained_on": "the train split", "gate_judged_on": gate_set,
-            "recipe_chosen_on": gate_set if searched else None,
-            "untouched_sets": [n for n in set_names if n != gate_set]}
+            "recipe_chosen_on": chosen_on,
+            "untouched_sets": [n for n in set_names if n not in (gate_set, chosen_on)]}
 
 
 def _selection_line(sel: dict[str, Any] | None) -> str:
@@ -241,7 +246,7 @@ def build_report(
         "merge": merged.meta,
         "export": onnx.meta,
         "export_search": search,
-        "selection": selection(gate_set, list(sets), search is not None),
+        "selection": selection(gate_set, list(sets), search),
         "stages": timings,
         "total_seconds": round(total_seconds, 2),
         "config": config.model_dump(mode="json"),
@@ -302,6 +307,9 @@ def write_report(report: dict[str, Any], out_dir: Path) -> Path:
                      confusion_svg(exported["confusion"], "exported model: true label vs answer"))
     if report.get("export_search"):
         write_atomic(out_dir / "recipe_search.svg", search_svg(report["export_search"]))
+        if report["export_search"].get("pareto_front_kl"):
+            write_atomic(out_dir / "recipe_search_kl.svg",
+                         search_svg(report["export_search"], "label_kl"))
     write_atomic(out_dir / "report.md", render_markdown(report))
     path = out_dir / "report.json"
     write_atomic(path, json.dumps(report, indent=2, ensure_ascii=False))

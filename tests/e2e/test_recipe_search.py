@@ -188,3 +188,33 @@ def test_no_candidate_within_the_gate_fails_listing_them(gated, measured, tiny_m
     report = json.loads((out / "none" / "report.json").read_text())  # kept, with the search
     assert report["export_search"]["chosen"] is None
     assert report["quality_gate"]["passed"] is False
+
+
+def test_with_a_validation_split_the_search_chooses_on_it_and_no_reported_set(measured, tiny_model):
+    from flows.pipeline import run_pipeline, run_plain
+
+    out = measured[0]
+    config = _config(tiny_model, out / "validation", ["int4_rtn_b32", "int4_k_quant_mixed"],
+                     "data.validation_split=0.25", "evaluate.max_accuracy_drop=1.0",
+                     f"cache_dir={out / 'cache'}")
+    path = run_pipeline(config, run_plain)
+    report = json.loads(path.read_text())
+    search, stages = report["export_search"], report["stages"]
+    assert search["chosen_on"] == "validation" and search["chosen"] == "int4_rtn_b32"
+    for name in ("int4_rtn_b32", "int4_k_quant_mixed"):  # candidates judged on validation rows only
+        assert f"evaluate_exported[{name}][validation]" in stages
+        assert f"evaluate_exported[{name}]" not in stages
+    folder = Path(stages["prepare_data"]["uri"])
+    lines = {split: {json.loads(row)["line"]
+                     for row in (folder / f"{split}.jsonl").read_text().splitlines()}
+             for split in ("train", "validation")}
+    assert lines["validation"] and not lines["train"] & lines["validation"]
+    validation = report["sets"]["validation"]["models"]
+    assert validation["merged"]["split"] == validation["exported"]["split"] == "validation"
+    assert validation["exported"]["n"] == report["data"]["validation"]["rows"] == len(lines["validation"])
+    assert report["models"]["exported"]["split"] == "eval"  # the published model, on the eval split
+    assert report["selection"]["recipe_chosen_on"] == "validation"
+    assert report["selection"]["gate_judged_on"] == "eval"
+    md = (path.parent / "report.md").read_text()
+    assert "Judged on validation" in md and "the export recipe was chosen on validation" in md
+    assert (path.parent / "recipe_search_kl.svg").read_text().startswith("<svg")

@@ -20,8 +20,9 @@ def test_bundled_data_is_balanced():
 def test_split_is_deterministic_and_stratified():
     cfg = DataConfig()
     rows = load_examples("pkg:slmflow/data/tones.jsonl", cfg)
-    a_train, a_eval = split_examples(rows, cfg)
-    b_train, b_eval = split_examples(list(reversed(rows)), cfg)
+    a_train, a_eval, a_val = split_examples(rows, cfg)
+    b_train, b_eval, _ = split_examples(list(reversed(rows)), cfg)
+    assert a_val == []
     assert [r["_line"] for r in a_eval] == [r["_line"] for r in b_eval]
     assert {r["_line"] for r in a_train} == {r["_line"] for r in b_train}
     assert not {r["_line"] for r in a_train} & {r["_line"] for r in a_eval}
@@ -32,9 +33,31 @@ def test_split_is_deterministic_and_stratified():
 
 def test_other_seed_gives_other_split():
     rows = load_examples("pkg:slmflow/data/tones.jsonl", DataConfig())
-    _, a = split_examples(rows, DataConfig(seed=1))
-    _, b = split_examples(rows, DataConfig(seed=2))
+    _, a, _ = split_examples(rows, DataConfig(seed=1))
+    _, b, _ = split_examples(rows, DataConfig(seed=2))
     assert [r["_line"] for r in a] != [r["_line"] for r in b]
+
+
+def test_a_validation_split_comes_out_of_the_training_rows_only():
+    rows = load_examples("pkg:slmflow/data/tones.jsonl", DataConfig())
+    train0, eval0, _ = split_examples(rows, DataConfig())
+    train, held, val = split_examples(rows, DataConfig(validation_split=0.15))
+    lines = [{r["_line"] for r in part} for part in (train, held, val)]
+    assert lines[1] == {r["_line"] for r in eval0}  # the eval split does not move
+    assert not lines[0] & lines[2] and lines[0] | lines[2] == {r["_line"] for r in train0}
+    assert len(val) == round(0.15 * len(rows))
+    per_label = {lab: sum(r["tone"] == lab for r in val) for lab in DataConfig().labels}
+    assert set(per_label.values()) == {len(val) // 4}
+    # with an eval file, validation is still carved from the training file
+    train_f, held_f, val_f = split_examples(rows, DataConfig(validation_split=0.1), held_out=False)
+    assert held_f == [] and len(val_f) == round(0.1 * len(rows)) and len(train_f) + len(val_f) == len(rows)
+
+
+def test_splits_that_leave_nothing_to_train_on_are_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"data\.eval_split \(0\.5\) \+ data\.validation_split \(0\.4\).*below 0\.9"):
+        DataConfig(eval_split=0.5, validation_split=0.4)
 
 
 @pytest.mark.parametrize(

@@ -84,11 +84,15 @@ def test_report_files(tmp_path):
 def test_selection_names_the_sets_no_choice_has_seen():
     from slmflow.report import _selection_line, selection
 
-    sel = selection("tones_shifted", ["eval", "tones_shifted", "other"], searched=True)
+    sel = selection("tones_shifted", ["eval", "tones_shifted", "other"], {"chosen_on": "tones_shifted"})
     assert sel["recipe_chosen_on"] == "tones_shifted" and sel["untouched_sets"] == ["eval", "other"]
     line = _selection_line(sel)
     assert "the export recipe was chosen on tones_shifted" in line
     assert "Figures on eval, other were used for no choice" in line
+    # with a validation split the search chooses there: the gate's set is the only other one used
+    sel = selection("eval", ["eval", "tones_shifted", "validation"], {"chosen_on": "validation"})
+    assert sel["recipe_chosen_on"] == "validation" and sel["untouched_sets"] == ["tones_shifted"]
+    assert selection("eval", ["eval", "x"], None)["recipe_chosen_on"] is None
 
 
 def test_svgs_render_values():

@@ -63,6 +63,26 @@ def test_choice_is_the_smallest_or_fastest_within_the_gate():
     assert recipes.pareto_front(records) == ["int4_rtn_b32", "int4_k_quant_mixed", "int8"]
 
 
+def test_size_against_label_kl_front_and_picture():
+    fid = {"int4_rtn_b32": 0.30, "int4_k_quant_mixed": 0.19, "int4_sensitive": 0.14, "int8": 0.001,
+           "fp16": 0.002}
+    sizes = {"int4_rtn_b32": 80, "int4_k_quant_mixed": 110, "int4_sensitive": 100, "int8": 180,
+             "fp16": 270}
+    records = []
+    for name, kl in fid.items():
+        r = _record(name, sizes[name], 0.9)
+        r["label_kl"] = kl
+        records.append(r)
+    # k_quant_mixed is bigger than sensitive and further from merged; fp16 bigger than int8 and further
+    assert recipes.pareto_front(records, "label_kl") == ["int4_rtn_b32", "int4_sensitive", "int8"]
+    summary = recipes.search_summary(records, "smallest", 0.9, 0.02, RecipeSearchConfig(max_label_kl=0.2),
+                                     chosen_on="validation")
+    assert summary["chosen_on"] == "validation" and summary["pareto_front_kl"][0] == "int4_rtn_b32"
+    svg = recipes.search_svg(summary, "label_kl")
+    assert "label KL(merged ‖ candidate) on validation" in svg and "floor 0.2" in svg
+    assert "gate" not in svg and svg.count("<circle") == len(records) + 1  # + the chosen ring
+
+
 def test_failed_candidates_are_recorded_and_the_search_goes_on():
     calls = []
 

@@ -53,6 +53,16 @@ class DataConfig(_Config):
         title="Eval split",
         description="Fraction held out for evaluation when no eval_file is given (seed: 0.3).",
     )
+    validation_split: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        title="Validation split",
+        description="Fraction of the training data's rows held out (stratified, like eval_split) "
+        "as a validation set: the rows export.recipe=auto chooses a recipe on, so that the eval "
+        "split and the extra sets are used for no choice. 0: none (the search chooses on the "
+        "gate's set, and the report says so).",
+    )
     max_seq_len: int = Field(
         256, ge=16, le=32768, title="Max sequence length", description="Longer rows are an error."
     )
@@ -85,6 +95,15 @@ class DataConfig(_Config):
         if len(set(labels)) != len(labels) or any(not label.strip() for label in labels):
             raise ValueError("labels must be distinct and non-empty, e.g. [Sad, Joy, Fear, Surprise]")
         return labels
+
+    @model_validator(mode="after")
+    def _splits_leave_training_rows(self) -> DataConfig:
+        if self.eval_file is None and self.eval_split + self.validation_split >= 0.9:
+            raise ValueError(
+                f"data.eval_split ({self.eval_split}) + data.validation_split "
+                f"({self.validation_split}) hold out {self.eval_split + self.validation_split:.0%} "
+                "of the rows: keep their sum below 0.9 so that rows are left to train on")
+        return self
 
     @model_validator(mode="after")
     def _template_uses_columns(self) -> DataConfig:

@@ -1,6 +1,6 @@
 """Stage 2: load and check the data, render the template, split deterministically, tokenize.
 
-Writes `train.jsonl` and `eval.jsonl` (one row each: the source columns, `label`, `prompt`,
+Writes `train.jsonl`, `eval.jsonl` and, with `data.validation_split`, `validation.jsonl` (one row each: the source columns, `label`, `prompt`,
 `answer`, `input_ids`, `labels`) and `stats.json`. With `data.corpus_strategy: join` (Olive's) the
 training rows are joined and cut into chunks instead (`chunk`, `input_ids`, `labels`).
 """
@@ -22,25 +22,35 @@ from slmflow.textformat import render_example
 
 
 def split_examples(
-    examples: list[dict[str, Any]], cfg: DataConfig
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """A stratified split: eval_split of each label, chosen by a seeded shuffle (deterministic)."""
+    examples: list[dict[str, Any]], cfg: DataConfig, held_out: bool = True,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """A stratified split (train, eval, validation): eval_split and validation_split of each
+    label, chosen by a seeded shuffle (deterministic). `held_out=False` (an eval file is given):
+    no eval rows, validation still carved from these. With validation_split 0 the train and eval
+    rows are exactly those of the two-way split before validation existed."""
     rng = random.Random(cfg.seed)
     by_label: dict[str, list[dict[str, Any]]] = {}
     for ex in examples:
         by_label.setdefault(ex[cfg.label_column], []).append(ex)
-    train, held = [], []
+    train, held, validation = [], [], []
     for label in cfg.labels:
         group = sorted(by_label.get(label, []), key=lambda ex: ex["_line"])
         rng.shuffle(group)
-        n_eval = round(len(group) * cfg.eval_split)
-        if len(group) >= 2:
+        n_eval = round(len(group) * cfg.eval_split) if held_out else 0
+        if held_out and len(group) >= 2:
             n_eval = min(max(n_eval, 1), len(group) - 1)
+        n_val = round(len(group) * cfg.validation_split)
+        if cfg.validation_split and len(group) - n_eval >= 2:
+            n_val = min(max(n_val, 1), len(group) - n_eval - 1)
+        else:
+            n_val = 0
         held.extend(group[:n_eval])
-        train.extend(group[n_eval:])
+        validation.extend(group[n_eval:n_eval + n_val])
+        train.extend(group[n_eval + n_val:])
     rng.shuffle(train)
     held.sort(key=lambda ex: ex["_line"])
-    return train, held
+    validation.sort(key=lambda ex: ex["_line"])
+    return train, held, validation
 
 
 def tokenize_example(ex: dict[str, Any], tokenizer, cfg: DataConfig, loss_on: str) -> dict[str, Any]:
@@ -96,19 +106,27 @@ def _context_length(folder: Path) -> int | None:
 
 
 def split_sources(cfg: DataConfig, train_source: ArtifactRef, eval_source: ArtifactRef | None,
-                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The checked training rows and held-out rows: a stratified split, or the eval file's."""
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The checked training, held-out and validation rows: a stratified split of the training
+    file (held-out rows from the eval file when there is one)."""
     examples = load_examples(train_source.uri, cfg)
-    if eval_source is None:
-        train, held = split_examples(examples, cfg)
-    else:
-        train, held = examples, load_examples(eval_source.uri, cfg)
+    if eval_source is None or cfg.validation_split:
+        train, held, validation = split_examples(examples, cfg, held_out=eval_source is None)
+    else:  # the file's own order, as before validation existed (same rows, same key)
+        train, held, validation = examples, [], []
+    if eval_source is not None:
+        held = load_examples(eval_source.uri, cfg)
     if not train or not held:
         raise DataError(
             f"{train_source.uri}: {len(examples)} rows leave nothing to "
             f"{'train on' if not train else 'evaluate'}; add rows or change data.eval_split"
         )
-    return train, held
+    if cfg.validation_split and not validation:
+        raise DataError(
+            f"{train_source.uri}: {len(examples)} rows leave no validation rows; add rows or set "
+            "data.validation_split=0"
+        )
+    return train, held, validation
 
 
 def build(cfg: DataConfig, ws: Workspace, base: ArtifactRef, train_source: ArtifactRef,
@@ -118,11 +136,12 @@ def build(cfg: DataConfig, ws: Workspace, base: ArtifactRef, train_source: Artif
 
     from slmflow.folders import model_dir
 
-    train, held = split_sources(cfg, train_source, eval_source)
+    train, held, validation = split_sources(cfg, train_source, eval_source)
     tokenizer = AutoTokenizer.from_pretrained(model_dir(base))
     stats: dict[str, Any] = {}
-    for name, rows in (("train", train), ("eval", held)):
-        where = train_source.uri if name == "train" or eval_source is None else eval_source.uri
+    splits = [("train", train), ("eval", held)] + ([("validation", validation)] if validation else [])
+    for name, rows in splits:
+        where = train_source.uri if name != "eval" or eval_source is None else eval_source.uri
         if name == "train" and cfg.corpus_strategy == "join":
             tokenized = join_chunks(rows, tokenizer, cfg, _context_length(model_dir(base)))
         else:
@@ -144,8 +163,17 @@ def build(cfg: DataConfig, ws: Workspace, base: ArtifactRef, train_source: Artif
         stats["train"]["joined_rows"] = len(train)
         joined = f" (chunks of <= {stats['train']['max_len']} tokens joined from {len(train)} rows)"
     (ws.out / "stats.json").write_text(json.dumps(stats, indent=2))
-    ws.log(f"data: {stats['train']['rows']} train{joined} / {stats['eval']['rows']} eval rows")
+    val = f" / {stats['validation']['rows']} validation" if validation else ""
+    ws.log(f"data: {stats['train']['rows']} train{joined} / {stats['eval']['rows']} eval{val} rows")
     return stats
+
+
+def key_config(cfg: DataConfig, loss_on: str) -> dict[str, Any]:
+    # validation_split counts only when used, so data prepared before it existed keeps its key
+    dumped = cfg.model_dump(mode="json")
+    if not cfg.validation_split:
+        dumped.pop("validation_split")
+    return {"data": dumped, "loss_on": loss_on}
 
 
 STAGE = Stage(
@@ -155,6 +183,6 @@ STAGE = Stage(
     inputs=("base", "train_source", "eval_source"),
     optional=("eval_source",),
     options={"loss_on": "answer"},
-    key_config=lambda cfg, loss_on: {"data": cfg, "loss_on": loss_on},
+    key_config=key_config,
     build=build,
 )
