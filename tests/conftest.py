@@ -91,14 +91,17 @@ class ProcessTable:
 
     def wait_gone(self, procs: set[tuple[int, str]], within: float = 15.0, text: str | None = None):
         """Wait until none of `procs` (nor any process mentioning `text`) lives; (what is left,
-        seconds waited)."""
+        seconds waited). `self.last`: the command lines of the last to go."""
         import time
 
-        started = time.monotonic()
+        started, names, previous = time.monotonic(), {}, set()
         while True:
             left = self.alive(procs) | (self.mentioning(text) if text else set())
             if not left or time.monotonic() - started > within:
+                self.last = sorted(names.get(p, "?")[:80] for p in previous) if not left else []
                 return {p: self.cmdline(p[0]) for p in left}, time.monotonic() - started
+            names.update({p: self.cmdline(p[0]) for p in left if p not in names})
+            previous = left
             time.sleep(0.05)
 
 
