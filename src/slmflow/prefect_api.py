@@ -188,7 +188,9 @@ def leftover_servers(home: str) -> list[tuple[int, str]]:
     found = []
     for entry in Path("/proc").glob("[0-9]*"):
         try:
-            if entry.stat().st_uid != os.getuid() or APP.encode() not in (entry / "cmdline").read_bytes():
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            # the server itself: not its watcher, whose command line holds the server's
+            if entry.stat().st_uid != os.getuid() or APP.encode() not in argv or b"slmflow.lifeline" in argv:
                 continue
             env = dict(item.split("=", 1) for item in
                        (entry / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in item)
