@@ -150,3 +150,35 @@ def test_a_killed_runs_server_is_stopped_a_live_runs_is_not(tmp_path, monkeypatc
         for proc in servers.values():
             proc.kill()
             proc.wait()
+
+
+def test_ctrl_c_during_a_parallel_recipe_search_stops_the_running_builders(proctable):
+    # Candidates run in worker threads; Ctrl-C reaches the main thread only. Their builders
+    # (sleepers here) are stopped, so the search ends now, not when the builders would have.
+    code = (
+        "import sys, types\n"
+        "from slmflow import lifeline, recipes\n"
+        "def candidate(name):\n"
+        "    print(name, flush=True)\n"
+        f"    return {{'rc': lifeline.run({SLEEPER!r}).returncode}}\n"
+        "recipes.run_search(types.SimpleNamespace(candidates=['a', 'b', 'c']), candidate, 2)\n"
+    )
+    run = _run_process(code)
+    try:
+        assert sorted([run.stdout.readline().strip(), run.stdout.readline().strip()]) == ["a", "b"]
+        deadline = time.monotonic() + 30
+        while True:
+            below = proctable.descendants(run.pid)
+            lines = [proctable.cmdline(p) for p, _ in below]
+            if sum("time.sleep(600)" in x and "slmflow.lifeline" not in x for x in lines) == 2:
+                break
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=60) == -signal.SIGINT  # KeyboardInterrupt, not 600 s of sleep
+        assert run.stdout.read() == ""  # candidate c never started
+        left, _ = proctable.wait_gone(below, within=5)
+        assert left == {}, left
+    finally:
+        run.kill()
+        run.wait()
