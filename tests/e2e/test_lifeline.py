@@ -103,7 +103,7 @@ def test_sigkill_during_a_two_process_finetune_leaves_no_process(tiny_model, tmp
     run.proc.wait()
     left, seconds = run.left(proctable)
     print(f"SIGKILL during the 2-process fine-tune: {len(run.seen)} processes of the run gone "
-          f"{seconds:.2f} s after it; the last: {proctable.last}")
+          f"{seconds:.2f} s after it" + (f"; the last: {proctable.last}" if proctable.last else ""))
     assert left == {}, left
 
 
@@ -117,7 +117,7 @@ def test_sigkill_during_the_builder_leaves_no_process_and_the_next_run_completes
     run.proc.wait()
     left, seconds = run.left(proctable)
     print(f"SIGKILL during the builder: {len(run.seen)} processes of the run gone {seconds:.2f} s "
-          f"after it; the last: {proctable.last}")
+          "after it" + (f"; the last: {proctable.last}" if proctable.last else ""))
     assert left == {}, left
 
     # The next run in the same PREFECT_HOME and output folder: a new API, the export redone.
