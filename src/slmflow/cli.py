@@ -12,9 +12,34 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from slmflow.errors import ConfigError, SlmflowError
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C's KeyboardInterrupt would be, to end a run alike."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame) -> None:
+    raise Interrupted(signum)
+
+
+def _interrupted_status(exc: BaseException) -> int | None:
+    """128 + the signal that interrupted the run (SIGINT 130, SIGTERM 143, SIGHUP 129)."""
+    if isinstance(exc, Interrupted):
+        return 128 + exc.signum
+    if isinstance(exc, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    if type(exc).__name__ == "TerminationSignal":  # Prefect's, should its SIGTERM bridge win
+        return 128 + int(getattr(exc, "signal", signal.SIGTERM))
+    return None
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -53,6 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]
     args = _parser().parse_args(argv)
+    before = {}
+    if args.command == "run" and threading.current_thread() is threading.main_thread():
+        # SIGTERM and SIGHUP end a run as Ctrl-C does: children stopped, status 128 + signal.
+        before = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _run(args)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return _dispatch(args)
     except SlmflowError as exc:
@@ -61,9 +98,17 @@ def main(argv: list[str] | None = None) -> int:
         # Always one line: values quoted in a message may hold any line break (\r, \u2028, ...).
         print("error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: finished stages are kept; run again to resume", file=sys.stderr)
-        return 130
+    except BaseException as exc:
+        status = _interrupted_status(exc)
+        if status is None:
+            raise
+        from slmflow import lifeline
+
+        lifeline.stop_all()  # any child a worker thread still waits on
+        name = signal.Signals(status - 128).name
+        print(f"interrupted ({name}): finished stages and fine-tuning checkpoints are kept; "
+              "run again to resume", file=sys.stderr, flush=True)
+        return status
 
 
 def _dispatch(args: argparse.Namespace) -> int:

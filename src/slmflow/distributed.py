@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,15 +143,14 @@ def run_ranks(world: World, ticket: Path, work: Path, log: Callable[[str], None]
     log(f"finetune: {world.size} processes ({world.nodes} node(s) × {world.per_node}, "
         f"{world.backend}): {' '.join(cmd[1:])}")
     tail: list[str] = []
-    # Its own process group, stopped as one; and stopped by the kernel if this process is killed.
-    proc = subprocess.Popen(lifeline.command(cmd), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # Its own process group, stopped as one; and stopped by its watcher if this process is killed.
+    proc = lifeline.spawn(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in proc.stdout:
             _relay(line.rstrip("\n"), log, progress, tail)
         code = proc.wait()
     finally:
-        stop_group(proc)
+        lifeline.stop(proc)
     failures = rank_errors(work)
     if failures:
         rank, kind, message = failures[0]
@@ -184,17 +181,3 @@ def rank_errors(work: Path) -> list[tuple[int, str, str]]:
         info = json.loads(file.read_text())
         found.append((info["rank"], info["type"], info["message"]))
     return found
-
-
-def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """End `proc` and every process it started (its own process group), politely first."""
-    try:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGKILL)  # what is left of the group (torchrun's workers)
-    except ProcessLookupError:
-        pass
-    proc.wait()

@@ -122,11 +122,18 @@ def run_search(
     """Run every candidate (`parallel` at a time), in the order the config lists them."""
     if parallel <= 1:
         return [run_candidate(name) for name in cfg.candidates]
+    from slmflow import lifeline
+
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="recipe") as pool:
         # each thread runs in a copy of this context, so Prefect's flow run context goes along
         futures = [pool.submit(contextvars.copy_context().run, run_candidate, name)
                    for name in cfg.candidates]
-        return [f.result() for f in futures]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:  # Ctrl-C or SIGTERM: no new candidate, the running ones' builders
+            pool.shutdown(wait=False, cancel_futures=True)  # stopped, so the threads end now
+            lifeline.stop_all()
+            raise
 
 
 def parallel_limit(cfg: RecipeSearchConfig, params: int, log: Callable[[str], None] = print) -> int:

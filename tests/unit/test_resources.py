@@ -93,12 +93,15 @@ def no_loading(monkeypatch):
 
     import transformers
 
+    from slmflow import lifeline
+
     def loaded(*args, **kwargs):
         raise AssertionError("model loaded")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loaded)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", loaded)
-    monkeypatch.setattr(subprocess, "run", loaded)  # the model builder
+    monkeypatch.setattr(subprocess, "run", loaded)
+    monkeypatch.setattr(lifeline, "run", loaded)  # the model builder
 
 
 def _ref(kind: str, uri: Path, **meta) -> ArtifactRef:

@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from slmflow import lifeline
 from slmflow.artifacts import ArtifactRef, dir_size
 from slmflow.config import ExportConfig
 from slmflow.errors import StageCheckError
@@ -69,8 +69,9 @@ def _run_checked(cmd: list[str], cwd: Path, what: str, fix: str) -> None:
     # The builder stamps the model with `git rev-parse HEAD` run next to its install, which finds
     # whatever checkout holds the virtualenv: without a repository it stamps its own commit, so
     # the same export has the same bytes whoever runs it.
+    # Under slmflow.lifeline: it ends with the run, even a killed one, and with Ctrl-C.
     env = {**os.environ, "GIT_DIR": os.devnull}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, check=False)
+    proc = lifeline.run(cmd, cwd=cwd, env=env)
     if proc.returncode != 0:
         lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         cause = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "")
