@@ -19,7 +19,7 @@ from slmflow.artifacts import ArtifactRef
 from slmflow.config import ExportConfig, RecipeSearchConfig, SensitivityConfig
 
 # How each named recipe sets the builder (fields of ExportConfig); unset fields keep the
-# builder's defaults, so int4_k_quant_mixed is exactly the manual default's export.
+# builder's defaults, so int4_k_quant is exactly the manual default's export.
 RECIPES: dict[str, dict[str, Any]] = {
     "int4_rtn_b128": {"precision": "int4", "algo_config": "rtn", "block_size": 128},
     "int4_rtn_b64": {"precision": "int4", "algo_config": "rtn", "block_size": 64},

@@ -63,7 +63,7 @@ class DefaultRun:
 
 @pytest.fixture(scope="session")
 def smollm2_run(tmp_path_factory: pytest.TempPathFactory) -> DefaultRun:
-    """The embedded default (SmolLM2-135M, 100 LoRA steps, int4 k_quant_mixed) run once for the
+    """The embedded default (SmolLM2-135M, 100 LoRA steps, int4 k_quant) run once for the
     whole session through `slmflow run`: every test that needs a really fine-tuned model shares
     it (minutes on 2 cores)."""
     return DefaultRun(tmp_path_factory.mktemp("smollm2"))

@@ -173,7 +173,7 @@ def test_seed_merge_and_builder_block(workdir):
                                               **asset("seed_merge_builder")}))
     assert out["export"] == {"precision": "int4", "execution_provider": "cuda"}
     by_key = {n.olive_key: n.became for n in notes}
-    assert "k_quant_mixed" in by_key["passes.builder.config.precision"]
+    assert "algo_config k_quant," in by_key["passes.builder.config.precision"]
     assert by_key["passes.merge_adapter_weights.type"].startswith("merge")
 
 

@@ -41,9 +41,9 @@ def test_candidate_shares_the_folder_of_the_same_manual_recipe(tmp_path):
     def onnx_key(cfg: ExportConfig) -> str:
         return STAGE.key(cfg, store, merged=merged, data=data)
 
-    manual = ExportConfig()  # int4 k_quant_mixed, the default
+    manual = ExportConfig()  # int4 k_quant, the default
     auto = ExportConfig(recipe="auto", search=RecipeSearchConfig(objective="fastest"))
-    candidate = recipes.candidate_config(auto, "int4_k_quant_mixed")
+    candidate = recipes.candidate_config(auto, "int4_k_quant")
     assert onnx_key(candidate) == onnx_key(manual)
     rtn = recipes.candidate_config(auto, "int4_rtn_b64")
     assert builder_options(rtn)["algo_config"] == "rtn" and builder_options(rtn)["block_size"] == "64"

@@ -181,8 +181,8 @@ def handle_precision(t: Translator, value: Any, path: str, node: dict) -> None:
                             "fp16 or fp32")
     became = t.put("export.precision", value, path)
     if value in ("int4", "int8") and "int4_algo_config" not in node:
-        became += (" (quantized with export.algo_config k_quant_mixed, slmflow's default: the "
-                   "builder's RTN default lost 11.6 points here; int4_algo_config: default gives "
+        became += (" (quantized with export.algo_config k_quant, slmflow's default: the "
+                   "builder's RTN default lost 6.3 points here; int4_algo_config: default gives "
                    "Olive's)")
     t.note(path, value, became)
 
@@ -307,7 +307,7 @@ LORA_ONLY["training_args"] = Section(TRAINING_ARGS)
 WHOLE_MODEL = Refused("slmflow evaluates the whole exported model", ok=(None, False))
 BUILDER_ONLY = {
     "precision": Special(handle_precision, "→ `export.precision` (int4, int8, fp16, fp32); int4 "
-                         "uses `export.algo_config` (slmflow's default k_quant_mixed unless "
+                         "uses `export.algo_config` (slmflow's default k_quant unless "
                          "int4_algo_config is given)"),
     "int4_block_size": Map("export.block_size"),
     "int4_accuracy_level": Map("export.accuracy_level"),
