@@ -22,7 +22,9 @@ from slmflow.store import Store
 
 def check_output_dir(config: PipelineConfig) -> Path:
     """output_dir (and cache_dir) must be folders we can create and write."""
-    for field, value in (("output_dir", config.output_dir), ("cache_dir", config.cache_dir)):
+    from slmflow.cache import cache_dir_of
+
+    for field, value in (("output_dir", config.output_dir), ("cache_dir", str(cache_dir_of(config)))):
         if value is None:
             continue
         path = Path(value).expanduser().resolve()
@@ -162,8 +164,9 @@ def check_memory_for_merge_and_export(config: PipelineConfig, params: int, store
 
 def store_for(config: PipelineConfig) -> Store:
     """Where the run's content-keyed stage outputs live (and the remote they mirror)."""
-    local = config.cache_dir or Path(config.output_dir) / "cache"
-    return Store.at(local, config.cache_remote)
+    from slmflow.cache import cache_dir_of
+
+    return Store.at(cache_dir_of(config), config.cache_remote)
 
 
 def fingerprint(config: PipelineConfig) -> str:
