@@ -101,9 +101,17 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def content_ref(kind: str, path: Path) -> ArtifactRef:
-    """A reference to a user's input file or folder, keyed by its content."""
-    digest = hash_path(path)
+def content_ref(kind: str, path: Path, memo: Path | None = None) -> ArtifactRef:
+    """A reference to a user's input file or folder, keyed by its content.
+
+    With `memo` (a folder: the store's `.inputs`), its files' fingerprints are kept there and
+    only files that changed since are read again (a local base model: gigabytes).
+    """
+    if memo is None:
+        digest = hash_path(path)
+    else:
+        record = Path(memo) / f"{stable_hash(str(Path(path).resolve()))[:24]}{FINGERPRINT}"
+        digest = hash_remembered(Path(path), record)
     return ArtifactRef(kind=kind, uri=str(path), sha256=digest, key=digest[:24])
 
 
@@ -119,22 +127,43 @@ def fingerprint_path(folder: Path) -> Path:
 
 def write_fingerprint(folder: Path, sha256: str, files: dict[str, list]) -> None:
     """Record `folder`'s files as `hash_folder` found them (they hash to `sha256`)."""
-    record = {"sha256": sha256, "written_ns": time.time_ns(), "files": files}
+    _write_record(fingerprint_path(folder), sha256, files)
+
+
+def _write_record(record: Path, sha256: str, files: dict[str, list]) -> None:
     try:
-        write_atomic(fingerprint_path(folder), json.dumps(record))
+        write_atomic(record, json.dumps({"sha256": sha256, "written_ns": time.time_ns(), "files": files}))
     except OSError:  # a read-only store: the next use hashes again
         pass
 
 
-def _fingerprint(folder: Path, sha256: str) -> tuple[dict[str, list], int]:
-    """The recorded files of `folder` and the mtime after which a file counts as racy."""
+def _recorded(record: Path, sha256: str | None, verify: bool | None) -> tuple[dict[str, list], int]:
+    """The files a fingerprint records (if it was of `sha256`, where given) and the mtime after
+    which a file counts as racy; nothing when verifying."""
+    if verify or (verify is None and os.environ.get(VERIFY_ENV, "") not in ("", "0")):
+        return {}, 0
     try:
-        recorded = json.loads(fingerprint_path(folder).read_text())
-        if recorded["sha256"] == sha256:
+        recorded = json.loads(record.read_text())
+        if sha256 is None or recorded["sha256"] == sha256:
             return dict(recorded["files"]), int(recorded["written_ns"]) - RACY_NS
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return {}, 0
+
+
+def hash_remembered(path: Path, record: Path, verify: bool | None = None) -> str:
+    """`hash_path(path)`, reading again only files whose fingerprint in `record` changed."""
+    known, racy_after = _recorded(record, None, verify)
+    if path.is_file():
+        st = path.stat()
+        stat, old = [st.st_size, st.st_mtime_ns, st.st_ino], known.get("")
+        digest = old[3] if old and old[:3] == stat and st.st_mtime_ns < racy_after else hash_file(path)
+        files = {"": [*stat, digest]}
+    else:
+        digest, files = hash_folder(path, known, racy_after)
+    if files != known:
+        _write_record(record, digest, files)
+    return digest
 
 
 def read_verified(folder: Path, verify: bool | None = None) -> ArtifactRef | None:
@@ -150,9 +179,7 @@ def read_verified(folder: Path, verify: bool | None = None) -> ArtifactRef | Non
         ref = ArtifactRef.model_validate_json(manifest.read_text())
     except ValueError:
         return None
-    if verify is None:
-        verify = os.environ.get(VERIFY_ENV, "") not in ("", "0")
-    known, racy_after = ({}, 0) if verify else _fingerprint(folder, ref.sha256)
+    known, racy_after = _recorded(fingerprint_path(folder), ref.sha256, verify)
     digest, files = hash_folder(folder, known, racy_after)
     if digest != ref.sha256:
         fingerprint_path(folder).unlink(missing_ok=True)

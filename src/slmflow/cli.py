@@ -157,6 +157,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run" and args.no_prefect and config.placement.pools():
         raise ConfigError("placement: placed stages run as Prefect flow runs on their work pools; "
                           "drop --no-prefect, or clear placement to run every stage here")
+    if args.command == "run" and args.verify:
+        from slmflow.artifacts import VERIFY_ENV
+
+        os.environ[VERIFY_ENV] = "1"  # inputs and stage folders re-hashed (Prefect's threads too)
     from slmflow.preflight import validate_run
 
     inputs = validate_run(config)  # a bad input ends here, on one line, before any output
@@ -166,10 +170,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"ok: model {inputs.model_source.uri}, {inputs.train_rows} training rows"
               + (f", {inputs.eval_rows} eval rows" if inputs.eval_rows else ""))
         return 0
-    if args.verify:
-        from slmflow.artifacts import VERIFY_ENV
-
-        os.environ[VERIFY_ENV] = "1"  # read_verified re-hashes (also in Prefect's task threads)
     if args.no_prefect:
         from flows.pipeline import run_pipeline, run_plain
 

@@ -16,7 +16,7 @@ from slmflow.artifacts import ArtifactRef, stable_hash
 from slmflow.config import BaseModelConfig, PipelineConfig, eval_set_name
 from slmflow.dataio import load_examples
 from slmflow.errors import ConfigError, DataError
-from slmflow.inputs import RunInputs, data_source, model_source, model_source_path
+from slmflow.inputs import INPUTS_MEMO, RunInputs, data_source, model_source, model_source_path
 from slmflow.store import Store
 
 
@@ -214,7 +214,8 @@ def validate_run(config: PipelineConfig) -> RunInputs:
         load_examples(extra[eval_set_name(spec)].uri, config.data)  # every row checked now
     if eval_rows is None:
         check_rows_per_label(config, train_src.uri, train_rows)
-    model_src = model_source(config.model)  # last: hashing a large local model takes a while
+    model_src = model_source(config.model, store.root / INPUTS_MEMO)  # last: hashing a large
+    # local model takes a while (the first time: later, only files that changed are read)
     if model_src.uri.startswith("hf://"):
         check_hub_model(config.model, model_src, store)
     return RunInputs(

@@ -284,3 +284,22 @@ def test_verify_removes_what_does_not_match(tmp_path):
     lines, n = cache.verify(tmp_path)
     assert n == 1 and "removed (does not match) dataset/bad" in lines and "ok dataset/good" in lines
     assert _left(tmp_path) == ["dataset/good"]
+
+
+def test_input_files_are_read_again_only_when_they_changed(tmp_path, hashed):
+    from slmflow.artifacts import content_ref
+
+    model, data, memo = tmp_path / "model", tmp_path / "d.jsonl", tmp_path / "store" / ".inputs"
+    model.mkdir()
+    (model / "weights.safetensors").write_bytes(b"w" * 100)
+    data.write_text('{"phrase": "a", "tone": "Sad"}\n')
+    for p in (model / "weights.safetensors", data):
+        os.utime(p, (time.time() - 60, time.time() - 60))
+    first = [content_ref("model_source", model, memo), content_ref("data_source", data, memo)]
+    assert [r.sha256 for r in first] == [artifacts.hash_path(model), artifacts.hash_path(data)]
+    hashed.clear()
+    assert [content_ref("model_source", model, memo).sha256,
+            content_ref("data_source", data, memo).sha256] == [r.sha256 for r in first]
+    assert hashed == []
+    data.write_text('{"phrase": "b", "tone": "Sad"}\n')  # same size: caught (mtime, racy)
+    assert content_ref("data_source", data, memo).sha256 == artifacts.hash_path(data) != first[1].sha256
