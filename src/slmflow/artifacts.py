@@ -105,9 +105,10 @@ def content_ref(kind: str, path: Path, memo: Path | None = None) -> ArtifactRef:
     """A reference to a user's input file or folder, keyed by its content.
 
     With `memo` (a folder: the store's `.inputs`), its files' fingerprints are kept there and
-    only files that changed since are read again (a local base model: gigabytes).
+    only files that changed since are read again (a local base model: gigabytes). Only in a store
+    that exists already: checking inputs creates no folder (a bad input leaves nothing behind).
     """
-    if memo is None:
+    if memo is None or not Path(memo).parent.is_dir():
         digest = hash_path(path)
     else:
         record = Path(memo) / f"{stable_hash(str(Path(path).resolve()))[:24]}{FINGERPRINT}"

@@ -290,6 +290,10 @@ def test_input_files_are_read_again_only_when_they_changed(tmp_path, hashed):
     from slmflow.artifacts import content_ref
 
     model, data, memo = tmp_path / "model", tmp_path / "d.jsonl", tmp_path / "store" / ".inputs"
+    data.write_text("x")
+    content_ref("data_source", data, memo)
+    assert not memo.parent.exists()  # no store yet: checking inputs creates none
+    memo.parent.mkdir()
     model.mkdir()
     (model / "weights.safetensors").write_bytes(b"w" * 100)
     data.write_text('{"phrase": "a", "tone": "Sad"}\n')
