@@ -307,3 +307,20 @@ def test_input_files_are_read_again_only_when_they_changed(tmp_path, hashed):
     assert hashed == []
     data.write_text('{"phrase": "b", "tone": "Sad"}\n')  # same size: caught (mtime, racy)
     assert content_ref("data_source", data, memo).sha256 == artifacts.hash_path(data) != first[1].sha256
+
+
+def test_run_verify_turns_re_hashing_on_before_the_inputs_are_checked(monkeypatch, tmp_path, capsys):
+    from slmflow import preflight
+    from slmflow.errors import ConfigError
+
+    seen = []
+
+    def validate_run(config):
+        seen.append(os.environ.get(artifacts.VERIFY_ENV))
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(preflight, "validate_run", validate_run)
+    monkeypatch.setenv(artifacts.VERIFY_ENV, "0")  # restored afterwards, whatever main sets
+    assert main(["run", "--no-prefect", "--set", f"output_dir={tmp_path}"]) == 2
+    assert main(["run", "--no-prefect", "--verify", "--set", f"output_dir={tmp_path}"]) == 2
+    assert seen == ["0", "1"] and "stop here" in capsys.readouterr().err
