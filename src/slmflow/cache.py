@@ -176,7 +176,7 @@ def ls_lines(cache: Path, now: float | None = None) -> list[str]:
         return [f"{cache}: no entries"]
     lines = [f"{'ENTRY':<40} {'SIZE':>9} {'AGE':>5} {'USED':>5}  OUTPUT FOLDERS"]
     for e in sorted(found, key=lambda e: (e.kind, -e.used)):
-        users = ", ".join(o + (" (model)" if o in e.published else "") for o in e.outputs) or "-"
+        users = ", ".join(o + (" (model)" if o in e.published else "") for o in sorted(e.outputs)) or "-"
         lines.append(f"{e.name:<40} {human_size(e.size):>9} {human_age(now - e.created):>5} "
                      f"{human_age(now - e.used):>5}  {users}")
     return lines
