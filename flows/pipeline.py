@@ -22,6 +22,7 @@ from prefect import flow
 
 from flows.steps import Runner, Step, chain_runner
 from slmflow.artifacts import ArtifactRef
+from slmflow.cache import record_use
 from slmflow.config import PipelineConfig
 from slmflow.errors import QualityGateError
 from slmflow.inputs import RunInputs
@@ -71,6 +72,7 @@ def run_pipeline(config: PipelineConfig, run: Runner, publish: Callable[[dict, P
                "eval_source": inputs.eval_source,
                **{f"extra_eval[{name}]": ref for name, ref in inputs.extra_sources.items()}}
     model_dir = publish_model(onnx, out_dir, build_manifest(config, sources, refs))
+    record_use(store.root, out_dir, [t["uri"] for t in timings.values()], onnx.uri)  # cache ls
     report = build_report(config, data, adapter, merged, onnx, sets, timings,
                           total_seconds=time.perf_counter() - started, exported_dir=model_dir,
                           search=search)

@@ -11,6 +11,22 @@ REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).parent / "assets"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_per_output_folder():
+    """No test writes to the user's shared stage cache (~/.cache/slmflow): every run keeps its
+    cache in OUTPUT_DIR/cache (the layout tests were written for), subprocesses included. Tests of
+    the shared cache set SLMFLOW_CACHE (or cache_dir) to a folder of their own."""
+    import os
+
+    before = os.environ.get("SLMFLOW_CACHE")
+    os.environ["SLMFLOW_CACHE"] = "{output_dir}/cache"
+    yield
+    if before is None:
+        os.environ.pop("SLMFLOW_CACHE", None)
+    else:
+        os.environ["SLMFLOW_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-init Phi-3 with a locally trained tokenizer (deterministic, ~3 s)."""

@@ -4,6 +4,15 @@ A stage output is a folder; an `ArtifactRef` names it (kind, where, content hash
 written under, the content hashes of its inputs) and carries small facts about it. Stages hand
 each other these references, never the models themselves. `read_verified` trusts a folder only
 while its content still hashes to what its manifest records.
+
+Re-hashing a folder on every cache hit re-reads gigabytes (base, merged and ONNX models), so a
+verified folder gets a fingerprint beside it (`<folder>.fingerprint.json`: each file's size,
+mtime_ns, inode and sha256). A file that still matches its record is not read again; a changed one
+is, and a deleted or added file changes the folder's hash as before. A file modified within 2 s of
+the record is read again anyway (timestamps are coarse: a same-size edit right after could keep
+the mtime). `SLMFLOW_VERIFY=1` (`slmflow run --verify`, `slmflow cache verify`) re-reads all.
+The limit: an edit that keeps a file's size, inode and mtime (one undone with `touch -d`, or a
+tool that restores mtimes) goes unseen until then.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +30,9 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 MANIFEST = "slmflow-artifact.json"
+FINGERPRINT = ".fingerprint.json"  # suffix of the sidecar file beside a verified folder
+VERIFY_ENV = "SLMFLOW_VERIFY"  # "1": always re-hash (slmflow run --verify)
+RACY_NS = 2_000_000_000  # a file modified this close before its fingerprint is read again
 _CHUNK = 4 * 1024 * 1024
 
 
@@ -55,11 +68,31 @@ def hash_path(path: Path) -> str:
     path = Path(path)
     if path.is_file():
         return hash_file(path)
-    h = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST):
-        rel = file.relative_to(path).as_posix()
-        h.update(rel.encode() + b"\0" + hash_file(file).encode() + b"\n")
-    return h.hexdigest()
+    return hash_folder(path)[0]
+
+
+def hash_folder(folder: Path, known: dict[str, list] | None = None, racy_after_ns: int = 0
+                ) -> tuple[str, dict[str, list]]:
+    """`hash_path` of a folder, and each file's [size, mtime_ns, inode, sha256].
+
+    A file whose size, mtime and inode match its record in `known` is not read: its recorded
+    hash is used, unless its mtime is after `racy_after_ns` (written so close to when the record
+    was made that a later same-size edit could share its mtime, as in git's "racy clean").
+    """
+    known = known or {}
+    h, files = hashlib.sha256(), {}
+    for file in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != MANIFEST):
+        rel = file.relative_to(folder).as_posix()
+        st = file.stat()
+        stat = [st.st_size, st.st_mtime_ns, st.st_ino]
+        record = known.get(rel)
+        if record and record[:3] == stat and st.st_mtime_ns < racy_after_ns:
+            digest = record[3]
+        else:
+            digest = hash_file(file)
+        files[rel] = [*stat, digest]
+        h.update(rel.encode() + b"\0" + digest.encode() + b"\n")
+    return h.hexdigest(), files
 
 
 def stable_hash(obj: Any) -> str:
@@ -68,9 +101,18 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def content_ref(kind: str, path: Path) -> ArtifactRef:
-    """A reference to a user's input file or folder, keyed by its content."""
-    digest = hash_path(path)
+def content_ref(kind: str, path: Path, memo: Path | None = None) -> ArtifactRef:
+    """A reference to a user's input file or folder, keyed by its content.
+
+    With `memo` (a folder: the store's `.inputs`), its files' fingerprints are kept there and
+    only files that changed since are read again (a local base model: gigabytes). Only in a store
+    that exists already: checking inputs creates no folder (a bad input leaves nothing behind).
+    """
+    if memo is None or not Path(memo).parent.is_dir():
+        digest = hash_path(path)
+    else:
+        record = Path(memo) / f"{stable_hash(str(Path(path).resolve()))[:24]}{FINGERPRINT}"
+        digest = hash_remembered(Path(path), record)
     return ArtifactRef(kind=kind, uri=str(path), sha256=digest, key=digest[:24])
 
 
@@ -80,8 +122,57 @@ def named_ref(kind: str, uri: str, identity: dict[str, Any]) -> ArtifactRef:
     return ArtifactRef(kind=kind, uri=uri, sha256=digest, key=digest[:24])
 
 
-def read_verified(folder: Path) -> ArtifactRef | None:
-    """The reference stored in `folder` if its content still hashes to what was recorded."""
+def fingerprint_path(folder: Path) -> Path:
+    return folder.parent / (folder.name + FINGERPRINT)
+
+
+def write_fingerprint(folder: Path, sha256: str, files: dict[str, list]) -> None:
+    """Record `folder`'s files as `hash_folder` found them (they hash to `sha256`)."""
+    _write_record(fingerprint_path(folder), sha256, files)
+
+
+def _write_record(record: Path, sha256: str, files: dict[str, list]) -> None:
+    try:
+        write_atomic(record, json.dumps({"sha256": sha256, "written_ns": time.time_ns(), "files": files}))
+    except OSError:  # a read-only store: the next use hashes again
+        pass
+
+
+def _recorded(record: Path, sha256: str | None, verify: bool | None) -> tuple[dict[str, list], int]:
+    """The files a fingerprint records (if it was of `sha256`, where given) and the mtime after
+    which a file counts as racy; nothing when verifying."""
+    if verify or (verify is None and os.environ.get(VERIFY_ENV, "") not in ("", "0")):
+        return {}, 0
+    try:
+        recorded = json.loads(record.read_text())
+        if sha256 is None or recorded["sha256"] == sha256:
+            return dict(recorded["files"]), int(recorded["written_ns"]) - RACY_NS
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return {}, 0
+
+
+def hash_remembered(path: Path, record: Path, verify: bool | None = None) -> str:
+    """`hash_path(path)`, reading again only files whose fingerprint in `record` changed."""
+    known, racy_after = _recorded(record, None, verify)
+    if path.is_file():
+        st = path.stat()
+        stat, old = [st.st_size, st.st_mtime_ns, st.st_ino], known.get("")
+        digest = old[3] if old and old[:3] == stat and st.st_mtime_ns < racy_after else hash_file(path)
+        files = {"": [*stat, digest]}
+    else:
+        digest, files = hash_folder(path, known, racy_after)
+    if files != known:
+        _write_record(record, digest, files)
+    return digest
+
+
+def read_verified(folder: Path, verify: bool | None = None) -> ArtifactRef | None:
+    """The reference stored in `folder` if its content still hashes to what was recorded.
+
+    Only files whose fingerprint changed are read again (all of them with `verify`, default: the
+    SLMFLOW_VERIFY environment variable); see the module docstring.
+    """
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return None
@@ -89,8 +180,13 @@ def read_verified(folder: Path) -> ArtifactRef | None:
         ref = ArtifactRef.model_validate_json(manifest.read_text())
     except ValueError:
         return None
-    if hash_path(folder) != ref.sha256:
+    known, racy_after = _recorded(fingerprint_path(folder), ref.sha256, verify)
+    digest, files = hash_folder(folder, known, racy_after)
+    if digest != ref.sha256:
+        fingerprint_path(folder).unlink(missing_ok=True)
         return None
+    if files != known:  # something was read again: remember what it looks like now
+        write_fingerprint(folder, digest, files)
     return ref.model_copy(update={"uri": str(folder.resolve())})
 
 

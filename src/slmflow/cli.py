@@ -1,7 +1,8 @@
 """The `slmflow` command.
 
 Run as:
-    slmflow run [--config FILE] [--set dotted.key=value ...] [--no-prefect]
+    slmflow run [--config FILE] [--set dotted.key=value ...] [--no-prefect] [--verify]
+    slmflow cache ls|du|verify|prune [--dir CACHE] ...   # the shared stage cache
     slmflow validate [--config FILE] [--set ...]
     slmflow show-config [--config FILE] [--set ...]
     slmflow make-tiny-model DIR [--seed N] [--shape phi3-mini --layers 2]
@@ -55,6 +56,19 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(run)
     run.add_argument("--no-prefect", action="store_true",
                      help="run the same stages as plain functions, without Prefect")
+    run.add_argument("--verify", action="store_true",
+                     help="re-hash every cached stage output it reuses (default: only those whose "
+                     "files' sizes, mtimes or inodes changed)")
+    cache = sub.add_parser("cache", help="the shared stage cache: ls, du, verify, prune")
+    cache.add_argument("action", choices=("ls", "du", "verify", "prune"))
+    cache.add_argument("--dir", help="the cache folder (default: $SLMFLOW_CACHE, "
+                       "$XDG_CACHE_HOME/slmflow or ~/.cache/slmflow)")
+    cache.add_argument("--older-than", metavar="AGE", help="prune: entries unused for AGE (30d, 12h, 0s)")
+    cache.add_argument("--keep-last", type=int, metavar="N", help="prune: keep the N last used per stage")
+    cache.add_argument("--max-size", metavar="SIZE", help="prune: least recently used first, down to "
+                       "SIZE (20G, 500M, 0)")
+    cache.add_argument("--all", action="store_true", help="prune: every entry")
+    cache.add_argument("--dry-run", action="store_true", help="prune, verify: say what, remove nothing")
     _config_args(sub.add_parser("validate", help="check the config, files and data; load no model"))
     show = sub.add_parser("show-config", help="print the resolved config as YAML")
     _config_args(show)
@@ -118,6 +132,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(build_tiny_phi3(args.dir, seed=args.seed, shape=args.shape, layers=args.layers))
         return 0
 
+    if args.command == "cache":
+        return _cache(args)
+
     if args.command == "convert-olive":
         from slmflow.configio import convert_olive_file
 
@@ -140,6 +157,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run" and args.no_prefect and config.placement.pools():
         raise ConfigError("placement: placed stages run as Prefect flow runs on their work pools; "
                           "drop --no-prefect, or clear placement to run every stage here")
+    if args.command == "run" and args.verify:
+        from slmflow.artifacts import VERIFY_ENV
+
+        os.environ[VERIFY_ENV] = "1"  # inputs and stage folders re-hashed (Prefect's threads too)
     from slmflow.preflight import validate_run
 
     inputs = validate_run(config)  # a bad input ends here, on one line, before any output
@@ -166,6 +187,34 @@ def _dispatch(args: argparse.Namespace) -> int:
             with api():
                 path = slmflow_pipeline(config, resolved_inputs=inputs)
     print(f"report: {path}", flush=True)
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from slmflow import cache
+
+    folder = cache.resolve_cache_dir(args.dir, Path.cwd())
+    if args.action == "ls":
+        lines = cache.ls_lines(folder)
+    elif args.action == "du":
+        lines = cache.du_lines(folder)
+    elif args.action == "verify":
+        lines, _ = cache.verify(folder, dry_run=args.dry_run)
+    else:
+        rules = (args.older_than, args.keep_last, args.max_size)
+        if not args.all and all(r is None for r in rules):
+            raise ConfigError("cache prune: say what to remove: --older-than AGE, --keep-last N, "
+                              "--max-size SIZE or --all")
+        try:
+            lines = cache.prune(
+                folder, older_than=cache.parse_age(args.older_than) if args.older_than else None,
+                keep_last=args.keep_last, everything=args.all, dry_run=args.dry_run,
+                max_size=cache.parse_size(args.max_size) if args.max_size is not None else None)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    print("\n".join(lines), flush=True)
     return 0
 
 

@@ -112,16 +112,20 @@ def model_source_path(cfg: BaseModelConfig) -> Path | None:
     return path
 
 
-def model_source(cfg: BaseModelConfig) -> ArtifactRef:
-    """A reference to where the base model comes from (hashes local files only)."""
+def model_source(cfg: BaseModelConfig, memo: Path | None = None) -> ArtifactRef:
+    """A reference to where the base model comes from (hashes local files only; with `memo`,
+    only those changed since the last run: see `content_ref`)."""
     path = model_source_path(cfg)
     if path is not None:
-        return content_ref("model_source", path)
+        return content_ref("model_source", path, memo)
     if cfg.source == "azureml_registry":
         return scheme("azureml", "model.name_or_path").model_ref(cfg)  # a version never changes
     # A hub id: the id and revision are all we can key on before downloading.
     return named_ref("model_source", f"hf://{cfg.name_or_path}",
                      {"hub_id": cfg.name_or_path, "revision": cfg.revision})
+
+
+INPUTS_MEMO = ".inputs"  # STORE/.inputs: fingerprints of the user's input files
 
 
 def data_source(spec: str, field: str, store: Store) -> ArtifactRef:
@@ -141,4 +145,4 @@ def data_source(spec: str, field: str, store: Store) -> ArtifactRef:
         raise DataError(f"{field}: {exc}") from None
     if not path.is_file():
         raise DataError(f"{field}: {path} does not exist or is not a file; check the path")
-    return content_ref("data_source", path)
+    return content_ref("data_source", path, store.root / INPUTS_MEMO)

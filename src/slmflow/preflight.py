@@ -16,13 +16,15 @@ from slmflow.artifacts import ArtifactRef, stable_hash
 from slmflow.config import BaseModelConfig, PipelineConfig, eval_set_name
 from slmflow.dataio import load_examples
 from slmflow.errors import ConfigError, DataError
-from slmflow.inputs import RunInputs, data_source, model_source, model_source_path
+from slmflow.inputs import INPUTS_MEMO, RunInputs, data_source, model_source, model_source_path
 from slmflow.store import Store
 
 
 def check_output_dir(config: PipelineConfig) -> Path:
     """output_dir (and cache_dir) must be folders we can create and write."""
-    for field, value in (("output_dir", config.output_dir), ("cache_dir", config.cache_dir)):
+    from slmflow.cache import cache_dir_of
+
+    for field, value in (("output_dir", config.output_dir), ("cache_dir", str(cache_dir_of(config)))):
         if value is None:
             continue
         path = Path(value).expanduser().resolve()
@@ -162,8 +164,9 @@ def check_memory_for_merge_and_export(config: PipelineConfig, params: int, store
 
 def store_for(config: PipelineConfig) -> Store:
     """Where the run's content-keyed stage outputs live (and the remote they mirror)."""
-    local = config.cache_dir or Path(config.output_dir) / "cache"
-    return Store.at(local, config.cache_remote)
+    from slmflow.cache import cache_dir_of
+
+    return Store.at(cache_dir_of(config), config.cache_remote)
 
 
 def fingerprint(config: PipelineConfig) -> str:
@@ -211,7 +214,8 @@ def validate_run(config: PipelineConfig) -> RunInputs:
         load_examples(extra[eval_set_name(spec)].uri, config.data)  # every row checked now
     if eval_rows is None:
         check_rows_per_label(config, train_src.uri, train_rows)
-    model_src = model_source(config.model)  # last: hashing a large local model takes a while
+    model_src = model_source(config.model, store.root / INPUTS_MEMO)  # last: hashing a large
+    # local model takes a while (the first time: later, only files that changed are read)
     if model_src.uri.startswith("hf://"):
         check_hub_model(config.model, model_src, store)
     return RunInputs(

@@ -7,7 +7,9 @@ the output into `ws.out`. `run_stage` computes the key once, takes the store's l
 builds the folder, and gives memory back. The plain runner and the Prefect task both call it.
 
 The key hashes the stage's kind and version, its config slice, the content hashes of its inputs
-(in the stage's order) and the store's location (Olive's lineage hash, over content, not paths).
+(in the stage's order) and the store's location (Olive's lineage hash, over content, not paths):
+its remote, or one constant for every local folder, so the key never depends on where the cache
+or the output folder lives.
 """
 
 from __future__ import annotations

@@ -8,8 +8,12 @@ A `Store` is a value (a local folder, and the remote it mirrors, if any), passed
 a stage's key depends only on its arguments. With a remote (`cache_remote`: az://, abfs://,
 file://, any fsspec URL), a stage looks for `REMOTE/<kind>/<key>/` before building, downloads it
 and uses it only if it verifies; after a build it uploads the folder, the manifest last, so a
-reader never trusts a half-written upload. Keys then name the remote instead of the local folder,
-so working directories that share the remote compute the same keys.
+reader never trusts a half-written upload. Keys name the remote when there is one, never the local
+folder: runs in any output folder, and a cache moved elsewhere, compute the same keys.
+
+Beside each folder: `<key>.lock` (held while a stage reads or builds it; `slmflow cache prune`
+skips what it cannot take) and `<key>.fingerprint.json` (see `artifacts`; its mtime is the
+entry's last use).
 
 Credentials come from the environment, never the config: for az:// adlfs reads
 `AZURE_STORAGE_CONNECTION_STRING`, or `AZURE_STORAGE_ACCOUNT_NAME` with `AZURE_STORAGE_ACCOUNT_KEY`,
@@ -19,6 +23,7 @@ Credentials come from the environment, never the config: for az:// adlfs reads
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import uuid
@@ -29,10 +34,19 @@ from typing import Any
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field
 
-from slmflow.artifacts import MANIFEST, ArtifactRef, hash_path, read_verified, replace_dir
+from slmflow.artifacts import (
+    MANIFEST,
+    ArtifactRef,
+    fingerprint_path,
+    hash_folder,
+    read_verified,
+    replace_dir,
+    write_fingerprint,
+)
 
 Log = Callable[[str], None]
 Build = Callable[[Path, Path], dict[str, Any]]
+LOCAL = "local"
 
 
 class Store(BaseModel):
@@ -53,8 +67,9 @@ class Store(BaseModel):
 
     @property
     def location(self) -> str:
-        """Where the store is, as a stage key names it: the remote when there is one."""
-        return self.remote or self.path
+        """Where the store is, as a stage key names it: the remote when there is one, else
+        `LOCAL` (the same for every local folder, so one cache serves every output folder)."""
+        return self.remote or LOCAL
 
     def folder(self, kind: str, key: str) -> Path:
         return self.root / kind / key
@@ -67,6 +82,8 @@ class Store(BaseModel):
             ref = read_verified(final)
             if ref is None and self.remote:
                 ref = _pull(self.remote, kind, key, final, log)
+            if ref is not None:
+                _used(final)
             return ref
 
     def build(self, kind: str, key: str, parents: list[ArtifactRef], build: Build,
@@ -87,6 +104,7 @@ class Store(BaseModel):
             if ref is not None:
                 if self.remote and not _remote_has(self.remote, kind, key):
                     _push(self.remote, kind, key, final, log)
+                _used(final)
                 return ref.model_copy(update={"cached": True})
             if self.remote:
                 pulled = _pull(self.remote, kind, key, final, log)
@@ -107,15 +125,26 @@ def _build_into(final: Path, key: str, parents: list[ArtifactRef], kind: str, bu
     tmp.mkdir()
     try:
         meta = build(tmp, work)
-        ref = ArtifactRef(kind=kind, uri=str(final), sha256=hash_path(tmp), key=key,
+        digest, files = hash_folder(tmp)
+        ref = ArtifactRef(kind=kind, uri=str(final), sha256=digest, key=key,
                           parents=[p.sha256 for p in parents], meta=meta or {})
         (tmp / MANIFEST).write_text(ref.model_dump_json(indent=2))
+        fingerprint_path(final).unlink(missing_ok=True)
         replace_dir(tmp, final)
+        write_fingerprint(final, digest, files)  # a rename keeps sizes, mtimes and inodes
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     return ref
+
+
+def _used(final: Path) -> None:
+    """Mark a reused folder as used now (the mtime of its fingerprint: `slmflow cache ls`)."""
+    try:
+        os.utime(fingerprint_path(final))
+    except OSError:
+        pass
 
 
 # ---- the remote mirror ---------------------------------------------------------------------
@@ -149,10 +178,13 @@ def _pull(remote: str, kind: str, key: str, final: Path, log: Log) -> ArtifactRe
             dest.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(path, str(dest))
         ref = ArtifactRef.model_validate_json((tmp / MANIFEST).read_text())
-        if hash_path(tmp) != ref.sha256:
+        digest, files = hash_folder(tmp)
+        if digest != ref.sha256:
             log(f"{kind}/{key}: the copy in {remote} does not match its manifest; rebuilding")
             return None
+        fingerprint_path(final).unlink(missing_ok=True)
         replace_dir(tmp, final)
+        write_fingerprint(final, digest, files)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"{kind}/{key}: reused from {remote} ({_amount(final, started)})")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from slmflow.artifacts import MANIFEST, ArtifactRef, content_ref, hash_path, read_verified
@@ -24,18 +26,21 @@ def test_new_content_same_path_gives_new_key(tmp_path):
     assert k1 == k2 != k3
 
 
-def test_key_depends_on_config_version_parents_and_store(tmp_path):
+def test_key_depends_on_config_version_parents_and_remote_not_the_local_folder(tmp_path):
     store = Store.at(tmp_path)
     base = stage_key("adapter", 1, FinetuneConfig(), [_ref("a" * 64)], store)
     assert base != stage_key("adapter", 1, FinetuneConfig(r=8), [_ref("a" * 64)], store)
     assert base != stage_key("adapter", 2, FinetuneConfig(), [_ref("a" * 64)], store)
     assert base != stage_key("adapter", 1, FinetuneConfig(), [_ref("b" * 64)], store)
-    assert base != stage_key("adapter", 1, FinetuneConfig(), [_ref("a" * 64)], Store.at(tmp_path / "other"))
+    assert base != stage_key("adapter", 1, FinetuneConfig(), [_ref("a" * 64)],
+                             Store.at(tmp_path, "az://container/prefix"))
+    # one shared cache serves every output folder: where it lives is no part of the key
+    assert base == stage_key("adapter", 1, FinetuneConfig(), [_ref("a" * 64)], Store.at(tmp_path / "other"))
 
 
-def test_key_is_the_same_as_before_the_store_became_a_value(tmp_path):
-    """Cache keys of earlier runs stay valid: the key of a stage is what it was when the store
-    was a path (and a remote was registered in a module global)."""
+def test_key_with_a_remote_is_the_same_as_before_the_shared_cache(tmp_path):
+    """Keys of stores with a remote stay what they were (b011635's stage_key); local keys changed
+    once, when the local folder left the key (issue 22)."""
     import hashlib
     import json
 
@@ -49,11 +54,11 @@ def test_key_is_the_same_as_before_the_store_became_a_value(tmp_path):
 
     nested = {"data": DataConfig(), "loss_on": "answer"}  # a config slice holding a model
     for config in (FinetuneConfig(), nested):
-        assert stage_key("x", 2, config, [_ref("a" * 64)], Store.at(tmp_path)) == old_key(
-            "x", 2, config, [_ref("a" * 64)], tmp_path)
         remote = Store.at(tmp_path, "az://container/prefix/")
         assert stage_key("x", 2, config, [], remote) == old_key(
             "x", 2, config, [], tmp_path, "az://container/prefix")
+        assert stage_key("x", 2, config, [_ref("a" * 64)], Store.at(tmp_path)) == old_key(
+            "x", 2, config, [_ref("a" * 64)], Path("local"), "local")
 
 
 def test_folder_hash_covers_names_and_bytes(tmp_path):

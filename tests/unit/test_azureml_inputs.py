@@ -133,7 +133,7 @@ def test_two_working_directories_share_stage_outputs_through_the_remote(tmp_path
     remote = f"file://{tmp_path / 'remote'}"
     a, b = tmp_path / "wd-a" / "cache", tmp_path / "wd-b" / "cache"
     assert stage_key("s", 1, {"x": 1}, [], Store.at(a)) != stage_key(
-        "s", 1, {"x": 1}, [], Store.at(b))  # local: by path
+        "s", 1, {"x": 1}, [], Store.at(b, remote))  # the remote is part of the key
     a, b = Store.at(a, remote), Store.at(b, remote)
     key_a, key_b = stage_key("s", 1, {"x": 1}, [], a), stage_key("s", 1, {"x": 1}, [], b)
     assert key_a == key_b  # with a shared remote: the same key

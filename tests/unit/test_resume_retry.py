@@ -44,7 +44,7 @@ def test_run_stage_removes_temp_folders_of_killed_builds(tmp_path):
 
     ref = Store.at(store).build("kind", "k1", [], build, log=lambda m: None)
     assert read_verified(ref.path) is not None
-    assert sorted(p.name for p in (store / "kind").iterdir()) == [".tmp-k2-deadbeef", "k1", "k1.lock"]
+    assert sorted(p.name for p in (store / "kind").iterdir()) == [".tmp-k2-deadbeef", "k1", "k1.fingerprint.json", "k1.lock"]
 
 
 class _State:
@@ -123,4 +123,4 @@ def test_sigkill_during_a_build_leaves_nothing_taken_as_done(tmp_path):
 
     ref = Store.at(store).build("onnx_model", "k", [], build, log=lambda m: None)
     assert not ref.cached and (ref.path / "model.bin").read_bytes() == b"whole"
-    assert sorted(p.name for p in kind.iterdir()) == ["k", "k.lock"]
+    assert sorted(p.name for p in kind.iterdir()) == ["k", "k.fingerprint.json", "k.lock"]

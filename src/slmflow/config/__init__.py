@@ -63,14 +63,16 @@ class PipelineConfig(_Config):
     output_dir: PathSpec = Field(
         "runs/default",
         title="Output folder",
-        description="report.json, report.md and the stage cache (cache_dir) go here.",
+        description="report.json, report.md and the published model (OUTPUT_DIR/model) go here.",
         min_length=1,
     )
     cache_dir: PathSpec | None = Field(
         None,
         title="Stage cache",
-        description="Content-keyed stage outputs (default: OUTPUT_DIR/cache). Runs that share it "
-        "reuse each other's stages.",
+        description="Content-keyed stage outputs, shared by every run that uses it: a run in a new "
+        "output_dir reuses each stage whose inputs did not change. Default: $SLMFLOW_CACHE, else "
+        "$XDG_CACHE_HOME/slmflow, else ~/.cache/slmflow. '{output_dir}' in it names the output "
+        "folder: '{output_dir}/cache' keeps one cache per output folder. See `slmflow cache`.",
     )
     cache_remote: str | None = Field(
         None,

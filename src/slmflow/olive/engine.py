@@ -56,8 +56,8 @@ ENGINE = Table({
         handle_execution_providers, "→ `export.execution_provider`: CUDAExecutionProvider → cuda "
         "(and `finetune.device` auto), CPUExecutionProvider → cpu, DmlExecutionProvider → dml; "
         "other providers, or more than one, refused"),
-    "output_dir": Map("output_dir", "report.json, report.md, and the stage cache unless cache_dir "
-                      "is set"),
+    "output_dir": Map("output_dir", "report.json, report.md and the published model; stage outputs "
+                      "go to the shared cache unless cache_dir is set"),
     "cache_dir": Map("cache_dir", "content-keyed stage outputs, the int4 model among them"),
     "log_severity_level": LOGS,
     "ort_log_severity_level": LOGS,
