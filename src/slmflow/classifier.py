@@ -32,8 +32,6 @@ from typing import Any
 
 from slmflow.errors import SlmflowError
 
-OTHER = "(other)"  # the evaluation's name for a free answer outside the label set
-
 
 class InputError(SlmflowError):
     """A text the model's template cannot be filled with (exit 2 at the CLI, 422 at the server)."""
@@ -51,30 +49,6 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def constrained_labels(answers: list[str], probs: list[dict[str, float]], labels: list[str]) -> list[str]:
-    """The label of each guided answer; where the guidance stopped short of a whole label (the
-    token budget ran out), the label the scores rank first, so the answer is always a label."""
-    from slmflow.stages.evaluate import parse_answer
-
-    out = []
-    for answer, p in zip(answers, probs):
-        label = parse_answer(answer, labels) if answer.strip() in labels else OTHER
-        out.append(label if label != OTHER else max(labels, key=lambda lab: p[lab]))
-    return out
-
-
-def guided_answers(backend, prompts: list[list[int]], labels: list[str], regex: str,
-                   batch_size: int) -> list[list[int]]:
-    """New tokens of each prompt, generated inside `regex` (equal-length batches, greedy). The
-    token budget is the longest label in bytes + 1: guidance may spell a label in more tokens
-    than the tokenizer would."""
-    from slmflow.generate import generate_answers
-
-    budget = max(len(lab.encode()) for lab in labels) + 1
-    new, _ = generate_answers(lambda b, n: backend.guided(b, n, regex), prompts, budget, batch_size)
-    return new
 
 
 class Classifier:
@@ -142,6 +116,7 @@ class Classifier:
         return out
 
     def _predict(self, prompts: list[str], constrained: bool) -> list[Prediction]:
+        from slmflow.constrained import constrained_labels, guided_answers
         from slmflow.generate import generate_answers, label_probabilities
         from slmflow.stages.evaluate import parse_answer
 
@@ -161,17 +136,3 @@ class Classifier:
         return [Prediction(label, p.get(label), p, answer)
                 for label, p, answer in zip(labels, probs, answers)]
 
-
-def constrained_predictions(backend, prompts: list[list[int]], labels: list[str],
-                            probs: list[dict[str, float]], batch_size: int) -> tuple[list[str], str]:
-    """Each row's constrained label and how it was chosen: "guidance" on an exported model
-    (generation inside the labels' regex), "label_scores" on a PyTorch one (the label with the
-    highest score: the fidelity metrics' scoring, as lm-eval's multiple choice; no generation
-    loop or logits processor to keep in step with onnxruntime-genai's)."""
-    from slmflow.generate import label_regex
-
-    if backend.guided is None:
-        return [max(labels, key=lambda lab: p[lab]) for p in probs], "label_scores"
-    new = guided_answers(backend, prompts, labels, label_regex(labels), batch_size)
-    answers = [backend.tokenizer.decode(t, skip_special_tokens=True) for t in new]
-    return constrained_labels(answers, probs, labels), "guidance"

@@ -71,7 +71,7 @@ def test_label_regex_escapes_what_regex_reads_as_syntax():
 
 
 def test_constrained_label_is_always_in_the_set():
-    from slmflow.classifier import constrained_labels
+    from slmflow.constrained import constrained_labels
 
     probs = [{"Sad": 0.1, "Joy": 0.2, "Fear": 0.6, "Surprise": 0.1}] * 3
     # a whole label; a guided answer cut short by the token budget; nothing: the top score

@@ -76,7 +76,7 @@ def key_config(cfg: EvaluateConfig, labels: list[str], split: str, **_: Any) -> 
 def build(cfg: EvaluateConfig, ws: Workspace, model: ArtifactRef, data: ArtifactRef,
           labels: list[str], split: str, trust_remote_code: bool) -> dict[str, Any]:
     """Evaluate one model (base_model, merged_model or onnx_model) on a prepared split."""
-    from slmflow.classifier import constrained_predictions
+    from slmflow.constrained import constrained_predictions
     from slmflow.fidelity import wilson_interval
     from slmflow.folders import read_split
     from slmflow.generate import BATCH_SIZE, generate_answers, label_probabilities, load_backend
