@@ -113,6 +113,9 @@ def test_a_failed_gate_says_where_by_how_much_and_whether_it_is_within_noise(tmp
 
 
 def test_the_gate_judges_constrained_answers_only_when_told(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "train_log.json").write_text("[]")
+
     def report(constrained: bool):
         config = PipelineConfig(evaluate={"max_accuracy_drop": 0.02, "extra_files": [],
                                           "constrained": constrained}, output_dir=str(tmp_path / "o"))
