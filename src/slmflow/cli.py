@@ -7,6 +7,8 @@ Run as:
     slmflow show-config [--config FILE] [--set ...]
     slmflow make-tiny-model DIR [--seed N] [--shape phi3-mini --layers 2]
     slmflow convert-olive OLIVE_CONFIG.json      # the slmflow config, and what each Olive key became
+    slmflow predict --model DIR "text" ... | --input FILE [--output FILE.jsonl] [--free]
+    slmflow serve --model DIR [--host 127.0.0.1] [--port 8000]
 """
 
 from __future__ import annotations
@@ -78,6 +80,19 @@ def _parser() -> argparse.ArgumentParser:
     olive = sub.add_parser("convert-olive", help="translate an Olive config: print the slmflow "
                            "config (YAML) and what each Olive key became")
     olive.add_argument("file", help="an Olive config (JSON or YAML)")
+    predict = sub.add_parser("predict", help="label texts with a published model folder "
+                             "(OUTPUT_DIR/model): one JSON line each")
+    predict.add_argument("--model", "-m", required=True, help="OUTPUT_DIR/model of a finished run")
+    predict.add_argument("texts", nargs="*", help="texts to label")
+    predict.add_argument("--input", "-i", help=".jsonl or .csv with the model's text columns")
+    predict.add_argument("--output", "-o", help="write the answers here (.jsonl; default stdout)")
+    predict.add_argument("--free", action="store_true",
+                         help="the free greedy answer (may be outside the label set)")
+    serve = sub.add_parser("serve", help="serve a published model folder over HTTP "
+                           "(POST /classify, GET /health)")
+    serve.add_argument("--model", "-m", required=True, help="OUTPUT_DIR/model of a finished run")
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
     tiny = sub.add_parser("make-tiny-model", help="build the tiny random-init Phi-3 for tests")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
@@ -125,21 +140,35 @@ def _run(args: argparse.Namespace) -> int:
         return status
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _tools(args: argparse.Namespace) -> int | None:
+    """The commands that take no pipeline config; None for the others."""
     if args.command == "make-tiny-model":
         from slmflow.tiny import build_tiny_phi3
 
         print(build_tiny_phi3(args.dir, seed=args.seed, shape=args.shape, layers=args.layers))
         return 0
-
     if args.command == "cache":
         return _cache(args)
+    if args.command == "predict":
+        from slmflow.predict import run_predict
 
+        return run_predict(args.model, args.texts, args.input, args.output, args.free)
+    if args.command == "serve":
+        from slmflow.serve import serve
+
+        return serve(args.model, args.host, args.port)
     if args.command == "convert-olive":
         from slmflow.configio import convert_olive_file
 
         print(convert_olive_file(args.file), end="")
         return 0
+    return None
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    status = _tools(args)
+    if status is not None:
+        return status
 
     from slmflow.configio import config_reference, dump_config, load_config
 

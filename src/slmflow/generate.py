@@ -4,7 +4,9 @@ exported ones.
 Greedy answers: prompts of the same token length are generated together (up to BATCH_SIZE, never
 padded), which gives each row the answer it gets alone. Label scores: each label's tokens
 teacher-forced after the prompt, the sum of their log-probabilities (`slmflow.fidelity`
-normalizes them over the label set). The evaluation stage and the export's smoke test use it.
+normalizes them over the label set). Constrained answers (exported models): onnxruntime-genai's
+guidance (llguidance) keeps every token inside a regular expression over the labels, then EOS.
+The evaluation stage, the export's smoke test and `slmflow.classifier` use it.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class Backend:
     folder: Path
     engine: Any = None  # onnxruntime-genai's Model, for its own tokenizer
     module: Any = None  # the PyTorch model (slmflow.sensitivity changes its weights in place)
+    # (equal-length prompts, max new tokens, regex) -> new tokens inside the regex (onnx only)
+    guided: Callable[[list[list[int]], int, str], list[list[int]]] | None = None
 
 
 def _log_softmax(logits: Any) -> Any:
@@ -125,11 +129,13 @@ def onnx_backend(folder: Path) -> Backend:
     eos_cfg = json.loads((folder / "genai_config.json").read_text())["model"]["eos_token_id"]
     eos = set(eos_cfg if isinstance(eos_cfg, list) else [eos_cfg])
 
-    def generate(batch: list[list[int]], max_new: int) -> list[list[int]]:
+    def generate(batch: list[list[int]], max_new: int, regex: str | None = None) -> list[list[int]]:
         params = og.GeneratorParams(model)
         params.set_search_options(
             do_sample=False, max_length=len(batch[0]) + max_new, batch_size=len(batch)
         )
+        if regex is not None:  # llguidance masks every token the regex cannot continue with
+            params.set_guidance("regex", regex)
         gen = og.Generator(model, params)
         gen.append_tokens(np.asarray(batch, dtype=np.int32))
         new: list[list[int]] = [[] for _ in batch]
@@ -166,7 +172,26 @@ def onnx_backend(folder: Path) -> Backend:
     def score_labels(prompts: list[list[int]], labels: list[list[int]]) -> list[list[float]]:
         return [score_one(p, labels) for p in prompts]
 
-    return Backend(generate, score_labels, AutoTokenizer.from_pretrained(folder), folder, model)
+    return Backend(generate, score_labels, AutoTokenizer.from_pretrained(folder), folder, model,
+                   guided=_guided(generate))
+
+
+def _guided(generate: Callable[..., list[list[int]]]) -> Callable[[list[list[int]], int, str], list[list[int]]]:
+    """Batched generation inside a regex. onnxruntime-genai 0.18 fails a batch whose rows end
+    the regex at different steps ("compute_mask() called after stop": it asks a finished row's
+    grammar for one more token); such a batch is generated again a row at a time, which gives
+    the same answers (no padding either way). Rows that end together (a trained model's, whose
+    labels are whole tokens) stay batched."""
+
+    def guided(batch: list[list[int]], max_new: int, regex: str) -> list[list[int]]:
+        try:
+            return generate(batch, max_new, regex)
+        except RuntimeError as exc:
+            if len(batch) == 1 or "after stop" not in str(exc):
+                raise
+        return [generate([row], max_new, regex)[0] for row in batch]
+
+    return guided
 
 
 def load_backend(model: ArtifactRef, trust_remote_code: bool = False) -> Backend:
@@ -191,6 +216,12 @@ def generate_answers(
         for i, tokens in zip(batch, out):
             new[i], waited[i] = tokens, seconds
     return new, waited
+
+
+def label_regex(labels: list[str]) -> str:
+    """The guidance expression that admits exactly one of the labels, e.g. `(Sad|Joy)`."""
+    meta = set("\\.^$|?*+()[]{}-&~#")
+    return "(" + "|".join("".join("\\" + c if c in meta else c for c in lab) for lab in labels) + ")"
 
 
 def label_probabilities(backend, prompts: list[list[int]], labels: list[str]) -> list[dict[str, float]]:

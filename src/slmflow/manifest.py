@@ -65,7 +65,8 @@ def build_manifest(config: Any, sources: dict[str, ArtifactRef | None], refs: di
 
 
 def publish_model(exported: ArtifactRef, out_dir: Path, manifest: dict) -> Path:
-    """Put the exported model and its manifest at OUTPUT_DIR/model (hard links where possible)."""
+    """Put the exported model, its manifest and its model card (`slmflow_model.json`: prompt
+    template, labels, answer rule, guidance) at OUTPUT_DIR/model (hard links where possible)."""
     final = out_dir / "model"
     tmp = out_dir / f".model.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
@@ -78,6 +79,10 @@ def publish_model(exported: ArtifactRef, out_dir: Path, manifest: dict) -> Path:
             except OSError:  # another filesystem
                 shutil.copy2(src, tmp / src.name)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if "config" in manifest:  # what using the folder needs (slmflow.modelcard)
+            from slmflow.modelcard import write_card
+
+            write_card(tmp, manifest["config"])
         replace_dir(tmp, final)
     finally:
         if tmp.exists():

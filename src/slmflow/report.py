@@ -85,6 +85,8 @@ def model_table(models: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         table.append({
             "model": name,
             "accuracy": round(m["accuracy"], 4),
+            "accuracy_constrained": (round(m["accuracy_constrained"], 4)
+                                     if "accuracy_constrained" in m else "-"),
             "macro_f1": round(m["macro_f1"], 4),
             "p50_ms": m["latency_ms_p50"],
             "p95_ms": m["latency_ms_p95"],
@@ -148,7 +150,8 @@ def _search_section(search: dict[str, Any] | None, inline: bool) -> list[str]:
 
 def _gate_line(gate: dict[str, Any]) -> str:
     verdict = "passed" if gate["passed"] else "FAILED"
-    line = (f"Quality gate {verdict} on {gate.get('set', 'eval')}: exported accuracy "
+    line = (f"Quality gate {verdict} on {gate.get('set', 'eval')} ({gate.get('answers', 'free')} "
+            f"answers): exported accuracy "
             f"{gate['exported_accuracy']:.4f} vs merged {gate['merged_accuracy']:.4f} (drop "
             f"{gate['drop']:.4f}, allowed {gate['max_accuracy_drop']}).")
     if "mcnemar_p" in gate:
@@ -218,8 +221,9 @@ def build_report(
     summaries = {name: summarize_set(evals) for name, evals in sets.items()}
     gate_set = config.evaluate.gate_set
     judged = summaries[gate_set]
-    merged_acc = judged["models"]["merged"]["accuracy"]
-    exported_acc = judged["models"]["exported"]["accuracy"]
+    gated = "accuracy_constrained" if config.evaluate.constrained else "accuracy"
+    merged_acc = judged["models"]["merged"].get(gated, judged["models"]["merged"]["accuracy"])
+    exported_acc = judged["models"]["exported"].get(gated, judged["models"]["exported"]["accuracy"])
     fid = judged["fidelity"]["exported_vs_merged"]
     loss_file = Path(adapter.uri) / "train_log.json"
     return {
@@ -232,6 +236,7 @@ def build_report(
         "adapter_dir": adapter.uri,
         "quality_gate": {
             "set": gate_set,
+            "answers": "constrained" if config.evaluate.constrained else "free",
             "merged_accuracy": merged_acc,
             "exported_accuracy": exported_acc,
             "drop": round(merged_acc - exported_acc, 6),

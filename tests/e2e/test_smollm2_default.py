@@ -42,3 +42,27 @@ def test_default_run_reaches_accuracy_and_reruns_cached(smollm2_run):
     _, again = smollm2_run.run()
     assert all(s["cached"] for s in again["stages"].values()), again["stages"]
     assert again["models"] == models
+
+
+def test_default_model_answers_free_and_constrained_through_its_folder(smollm2_run):
+    """The published folder is used on its own: constrained accuracy beside the free one in the
+    report, and the Classifier's constrained answers are labels, equal to the evaluation's."""
+    import json
+    from pathlib import Path
+
+    from slmflow import Classifier
+    from slmflow.artifacts import read_verified
+    from slmflow.folders import read_split
+
+    report = smollm2_run.report
+    exported = report["models"]["exported"]
+    assert exported["constrained_by"] == "guidance"
+    assert exported["accuracy_constrained"] >= exported["accuracy"] - MAX_INT4_DROP, exported
+    assert "accuracy_constrained" in (smollm2_run.out / "report.md").read_text()
+    evaluated = [json.loads(line) for line in
+                 (Path(report["stages"]["evaluate_exported"]["uri"]) / "predictions.jsonl").open()]
+    split = read_split(read_verified(Path(report["stages"]["prepare_data"]["uri"])), "eval")[:32]
+    clf = Classifier(report["exported_model_dir"])
+    preds = clf.predict(split)
+    assert [p.label for p in preds] == [r["pred_constrained"] for r in evaluated[:32]]
+    assert all(p.label in clf.labels for p in preds)

@@ -6,7 +6,7 @@ import json
 
 from slmflow.artifacts import ArtifactRef
 from slmflow.config import PipelineConfig
-from slmflow.report import build_report, confusion_svg, loss_curve_svg, write_report
+from slmflow.report import build_report, confusion_svg, loss_curve_svg, model_table, write_report
 from slmflow.stages.evaluate import OTHER, parse_answer, score
 
 LABELS = ["Sad", "Joy", "Fear", "Surprise"]
@@ -114,3 +114,25 @@ def test_a_failed_gate_says_where_by_how_much_and_whether_it_is_within_noise(tmp
                        r"1\.000, within noise on this many rows; outputs kept"):
         check_quality_gate(report, tmp_path / "report.json")
     check_quality_gate(_report(tmp_path, 1, 1), tmp_path / "report.json")  # passes: no error
+
+
+def test_the_gate_judges_constrained_answers_only_when_told(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "train_log.json").write_text("[]")
+
+    def report(constrained: bool):
+        config = PipelineConfig(evaluate={"max_accuracy_drop": 0.02, "extra_files": [],
+                                          "constrained": constrained}, output_dir=str(tmp_path / "o"))
+        # free: exported right on one row of two; constrained: both models right on both
+        evals = {"merged": _evaluation(tmp_path / "m", 1), "exported": _evaluation(tmp_path / "e", 0)}
+        for ref, acc in ((evals["merged"], 1.0), (evals["exported"], 1.0)):
+            ref.meta["accuracy_constrained"] = acc
+        return build_report(config, _ref("dataset", "d", {}), _ref("adapter", tmp_path / "adapter", {"steps": 2}),
+                            _ref("merged_model", "m", {}), _ref("onnx_model", "o", {}),
+                            {"eval": evals}, {}, 1.0)
+
+    free, constrained = report(False)["quality_gate"], report(True)["quality_gate"]
+    assert (free["answers"], free["passed"], free["exported_accuracy"]) == ("free", False, 0.5)
+    assert (constrained["answers"], constrained["passed"]) == ("constrained", True)
+    rows = {r["model"]: r for r in model_table(report(True)["models"])}
+    assert rows["Exported (ONNX)"]["accuracy_constrained"] == 1.0

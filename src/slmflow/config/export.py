@@ -201,6 +201,13 @@ class EvaluateConfig(_Config):
         "its file name without the extension (e.g. tones_shifted).",
         min_length=1,
     )
+    constrained: bool = Field(
+        False,
+        title="Gate on constrained answers",
+        description="false: the quality gate compares free (greedy) answers. true: it compares "
+        "constrained ones (the exported model generating inside the label set's regex, the merged "
+        "model's top-scored label). Both accuracies are reported either way.",
+    )
 
 
 def eval_set_name(spec: str) -> str:

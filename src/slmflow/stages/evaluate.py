@@ -5,6 +5,12 @@ the exported one; the same prompt token ids for both; `slmflow.generate`) and th
 as the label it starts with. Records accuracy, macro-F1, the confusion matrix, latency per
 example (p50/p95: the time it waited for its batch), examples and generated tokens per second,
 and the model's size on disk; `predictions.jsonl` keeps every answer.
+
+Constrained accuracy beside it (`accuracy_constrained`, `constrained_by`): the exported model
+generates inside a regular expression of the labels (onnxruntime-genai's guidance); the base and
+merged models answer the label their own scores rank first (`label_probabilities`, the scoring
+the fidelity metrics use: one implementation, no second generation loop to keep equal to
+onnxruntime-genai's). The quality gate judges the free answer unless `evaluate.constrained`.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def key_config(cfg: EvaluateConfig, labels: list[str], split: str, **_: Any) -> dict[str, Any]:
     """What an evaluation depends on: not the quality gate, which judges it afterwards."""
-    judged_after = {"max_accuracy_drop", "extra_files", "gate_set"}
+    judged_after = {"max_accuracy_drop", "extra_files", "gate_set", "constrained"}
     return {"evaluate": cfg.model_dump(mode="json", exclude=judged_after),
             "labels": labels, "split": split}
 
@@ -70,6 +76,7 @@ def key_config(cfg: EvaluateConfig, labels: list[str], split: str, **_: Any) -> 
 def build(cfg: EvaluateConfig, ws: Workspace, model: ArtifactRef, data: ArtifactRef,
           labels: list[str], split: str, trust_remote_code: bool) -> dict[str, Any]:
     """Evaluate one model (base_model, merged_model or onnx_model) on a prepared split."""
+    from slmflow.constrained import constrained_predictions
     from slmflow.fidelity import wilson_interval
     from slmflow.folders import read_split
     from slmflow.generate import BATCH_SIZE, generate_answers, label_probabilities, load_backend
@@ -85,15 +92,16 @@ def build(cfg: EvaluateConfig, ws: Workspace, model: ArtifactRef, data: Artifact
     new, latencies = generate_answers(backend.generate, prompts, max_new)
     seconds = time.perf_counter() - started
     probs = label_probabilities(backend, prompts, labels)
+    constrained, constrained_by = constrained_predictions(backend, prompts, labels, probs, BATCH_SIZE)
     gold, pred, n_tokens = [], [], 0
     with open(ws.out / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for row, tokens, p in zip(rows, new, probs):
+        for row, tokens, p, c in zip(rows, new, probs, constrained):
             n_tokens += len(tokens)
             answer = tokenizer.decode(tokens, skip_special_tokens=True)
             gold.append(row["label"])
             pred.append(parse_answer(answer, labels))
             f.write(json.dumps({"line": row["line"], "gold": row["label"], "pred": pred[-1],
-                                "answer": answer, "label_probs": {k: round(v, 6) for k, v in p.items()}},
+                                "pred_constrained": c, "answer": answer, "label_probs": {k: round(v, 6) for k, v in p.items()}},
                                ensure_ascii=False) + "\n")
     metrics = score(gold, pred, labels)
     correct = sum(g == p for g, p in zip(gold, pred))
@@ -101,6 +109,8 @@ def build(cfg: EvaluateConfig, ws: Workspace, model: ArtifactRef, data: Artifact
         model_kind=model.kind,
         split=split,
         accuracy_ci95=[round(x, 4) for x in wilson_interval(correct, len(gold))],
+        accuracy_constrained=sum(g == c for g, c in zip(gold, constrained)) / len(gold),
+        constrained_by=constrained_by,
         latency_ms_p50=round(1000 * _percentile(latencies, 0.5), 2),
         latency_ms_p95=round(1000 * _percentile(latencies, 0.95), 2),
         tokens_per_second=round(n_tokens / max(seconds, 1e-9), 1),
@@ -110,7 +120,8 @@ def build(cfg: EvaluateConfig, ws: Workspace, model: ArtifactRef, data: Artifact
     )
     (ws.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     ws.log(f"evaluate {model.kind} on {split}: accuracy {metrics['accuracy']:.3f}, "
-           f"macro-F1 {metrics['macro_f1']:.3f}, p50 {metrics['latency_ms_p50']} ms")
+           f"macro-F1 {metrics['macro_f1']:.3f}, constrained accuracy "
+           f"{metrics['accuracy_constrained']:.3f} ({constrained_by}), p50 {metrics['latency_ms_p50']} ms")
     return metrics
 
 
@@ -118,8 +129,9 @@ STAGE = Stage(
     name="evaluate",
     kind="evaluation",
     # 3: the quality gate and the extra sets are no longer part of the key (changing the gate
-    # re-evaluated every model); 4: label probabilities per row and a Wilson interval
-    version=4,
+    # re-evaluated every model); 4: label probabilities per row and a Wilson interval;
+    # 5: constrained answers (accuracy_constrained, pred_constrained)
+    version=5,
     inputs=("model", "data"),
     options={"labels": REQUIRED, "split": "eval", "trust_remote_code": False},
     key_config=key_config,
