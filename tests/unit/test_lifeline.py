@@ -159,7 +159,7 @@ def test_ctrl_c_during_a_parallel_recipe_search_stops_the_running_builders(proct
         "import sys, types\n"
         "from slmflow import lifeline, recipes\n"
         "def candidate(name):\n"
-        "    print(name, flush=True)\n"
+        "    sys.stdout.write(name + '\\n'); sys.stdout.flush()  # one write: threads don't interleave\n"
         f"    return {{'rc': lifeline.run({SLEEPER!r}).returncode}}\n"
         "recipes.run_search(types.SimpleNamespace(candidates=['a', 'b', 'c']), candidate, 2)\n"
     )
