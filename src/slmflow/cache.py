@@ -24,6 +24,8 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,8 +194,19 @@ def du_lines(cache: Path) -> list[str]:
 
 
 # ---- removing entries --------------------------------------------------------------------------
-def _lock(entry: Entry) -> FileLock:
-    return FileLock(str(entry.folder) + ".lock", timeout=0)
+@contextmanager
+def _held(entry: Entry) -> Iterator[bool]:
+    """The entry's lock, taken without waiting: False (nothing held) when a running stage has it."""
+    lock = FileLock(str(entry.folder) + ".lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def _remove(cache: Path, entry: Entry) -> None:
@@ -254,17 +267,12 @@ def prune(cache: Path, *, older_than: float | None = None, keep_last: int | None
             lines.append(f"kept {e.name}: published as {partial[0]}/model, which lacks its own copy "
                          "of its files")
             continue
-        lock = _lock(e)
-        try:
-            lock.acquire()
-        except Timeout:
-            lines.append(f"kept {e.name}: a running stage holds it (its lock)")
-            continue
-        try:
+        with _held(e) as held:
+            if not held:
+                lines.append(f"kept {e.name}: a running stage holds it (its lock)")
+                continue
             if not dry_run:
                 _remove(cache, e)
-        finally:
-            lock.release()
         freed += e.size
         note = "".join(f"; {o}/model keeps its own copy and still loads" for o in e.published)
         lines.append(f"{'would remove' if dry_run else 'removed'} {e.name} ({human_size(e.size)}){note}")
@@ -276,13 +284,10 @@ def verify(cache: Path, dry_run: bool = False) -> tuple[list[str], int]:
     """Re-hash every entry; remove (unless dry_run) those that no longer match. (lines, bad)."""
     lines, bad = [], 0
     for e in entries(cache):
-        lock = _lock(e)
-        try:
-            lock.acquire()
-        except Timeout:
-            lines.append(f"skipped {e.name}: a running stage holds it (its lock)")
-            continue
-        try:
+        with _held(e) as held:
+            if not held:
+                lines.append(f"skipped {e.name}: a running stage holds it (its lock)")
+                continue
             if read_verified(e.folder, verify=True) is not None:
                 lines.append(f"ok {e.name}")
                 continue
@@ -290,7 +295,5 @@ def verify(cache: Path, dry_run: bool = False) -> tuple[list[str], int]:
             if not dry_run:
                 _remove(cache, e)
             lines.append(f"{'does not match' if dry_run else 'removed (does not match)'} {e.name}")
-        finally:
-            lock.release()
     lines.append(f"{bad} of {len(entries(cache)) + (0 if dry_run else bad)} entries did not match")
     return lines, bad
