@@ -152,6 +152,13 @@ class ExportConfig(_Config):
         default_factory=SensitivityConfig, title="Sensitivity-guided int8",
         description="int4 only, quantizer builder.",
     )
+    quantize_workers: int | None = Field(
+        None, ge=1, le=256, title="k-quant threads",
+        description="Threads for the builder's CPU k-quant (algo_config k_quant*): slices of "
+        "blocks quantized at once, the same bytes for any count. null: the cores this process "
+        "may use, lowered so each thread's temporaries (~40 bytes a weight value, 65536 blocks "
+        "a slice at most) fit in half the free memory. Not part of the stage key.",
+    )
 
     @model_validator(mode="after")
     def _quantizer_fits(self) -> ExportConfig:
@@ -185,6 +192,19 @@ class EvaluateConfig(_Config):
     )
     limit: int | None = Field(
         None, ge=1, title="Limit", description="Evaluate only the first N rows of each set (null: all)."
+    )
+    max_examples: int | None = Field(
+        None, ge=1, title="Max examples",
+        description="Evaluate at most this many rows of each set: a stratified sample (each "
+        "label's share of the set kept, largest remainders rounded up), the same rows for every "
+        "model, chosen by sample_seed; recorded in each evaluation (`sample`) and the report. "
+        "For large eval sets: evaluation costs about the same per row at any size. null: all "
+        "rows.",
+    )
+    sample_seed: int = Field(
+        0, title="Sample seed",
+        description="Seed of the max_examples sample (a hash of the seed and each row's line "
+        "number orders each label's rows: the same rows whatever the file's order).",
     )
     extra_files: list[PathSpec] | None = Field(
         None,

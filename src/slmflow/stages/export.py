@@ -3,7 +3,8 @@
 Runs `python -m onnxruntime_genai.models.builder -i MERGED -o OUT -p PRECISION -e EP -c CACHE
 --extra_options ...` in a subprocess (the builder holds the whole model in memory; a subprocess
 gives it back), through `slmflow.stages.builder_main`, which only makes onnxruntime's k-quant
-work a slice at a time (same bytes, ~0.6 GB less peak on SmolLM2); then checks that
+work in slices of blocks on every core (same bytes, ~0.6 GB less peak on SmolLM2; threads:
+`export.quantize_workers`); then checks that
 onnxruntime-genai loads the result and generates.
 
 Two more ways to int4 (`export.quantizer`): the builder writes the fp32 graph and
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,17 +67,26 @@ def builder_command(cfg: ExportConfig, model: Path, out: Path, cache: Path,
     ]  # fmt: skip
 
 
-def _run_checked(cmd: list[str], cwd: Path, what: str, fix: str) -> None:
+def quantize_env(cfg: ExportConfig) -> dict[str, str]:
+    """The builder's k-quant thread count, when the config sets it (else builder_main decides)."""
+    from slmflow.stages.builder_main import WORKERS_ENV
+
+    return {WORKERS_ENV: str(cfg.quantize_workers)} if cfg.quantize_workers else {}
+
+
+def _run_checked(cmd: list[str], cwd: Path, what: str, fix: str,
+                 env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     # The builder stamps the model with `git rev-parse HEAD` run next to its install, which finds
     # whatever checkout holds the virtualenv: without a repository it stamps its own commit, so
     # the same export has the same bytes whoever runs it.
     # Under slmflow.lifeline: it ends with the run, even a killed one, and with Ctrl-C.
-    env = {**os.environ, "GIT_DIR": os.devnull}
+    env = {**os.environ, "GIT_DIR": os.devnull, **(env_extra or {})}
     proc = lifeline.run(cmd, cwd=cwd, env=env)
     if proc.returncode != 0:
         lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         cause = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "")
         raise StageCheckError(f"export: {what} failed (exit {proc.returncode}): {cause}; {fix}")
+    return proc
 
 
 def tied_embeddings(folder: Path) -> bool:
@@ -132,7 +143,8 @@ def key_config(cfg: ExportConfig) -> dict[str, Any]:
     # What is built, not how it was chosen: a recipe search's candidate and the same recipe
     # asked for by hand share one folder. The quantizer and sensitivity fields count only when
     # used, so the exports made before they existed keep their keys.
-    dumped = cfg.model_dump(mode="json", exclude={"recipe", "search"})
+    # How many threads quantize changes no byte (builder_main), so it is no part of the key.
+    dumped = cfg.model_dump(mode="json", exclude={"recipe", "search", "quantize_workers"})
     if cfg.quantizer == "builder":
         dumped.pop("quantizer")
     if cfg.quantizer != "gptq":
@@ -158,8 +170,11 @@ def build(cfg: ExportConfig, ws: Workspace, merged: ArtifactRef, data: ArtifactR
     graph = ws.out if cfg.quantizer == "builder" else ws.work / "fp32"
     cmd = builder_command(cfg, folder, graph, ws.work / "builder-cache", int8_nodes, tied)
     ws.log("export: " + " ".join(cmd[2:]))
-    _run_checked(cmd, ws.work, "the model builder", "check export.block_size (hidden sizes must "
-                 "divide by it) and export.algo_config")
+    proc = _run_checked(cmd, ws.work, "the model builder", "check export.block_size (hidden sizes "
+                        "must divide by it) and export.algo_config", quantize_env(cfg))
+    for line in (proc.stderr or "").splitlines():
+        if line.startswith("slmflow k-quant:"):  # builder_main's time in the k-quant, threads
+            ws.log("export: " + line[len("slmflow "):])
     if cfg.quantizer != "builder":
         from slmflow.stages.quantize_main import quantize_command
 
