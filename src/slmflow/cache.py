@@ -276,8 +276,80 @@ def prune(cache: Path, *, older_than: float | None = None, keep_last: int | None
         freed += e.size
         note = "".join(f"; {o}/model keeps its own copy and still loads" for o in e.published)
         lines.append(f"{'would remove' if dry_run else 'removed'} {e.name} ({human_size(e.size)}){note}")
+    if everything:
+        freed += _sweep_leftovers(cache, dry_run, lines)
     lines.append(f"{'would free' if dry_run else 'freed'} {human_size(freed)} in {cache}")
     return lines
+
+
+def _leftovers(kind_dir: Path) -> dict[str, list[Path]]:
+    """By key, what is beside the entries of one stage kind without being one: locks,
+    fingerprints, work folders (an unfinished build's checkpoints), temporary and stale folders."""
+    found: dict[str, list[Path]] = {}
+    for path in kind_dir.iterdir():
+        name = path.name
+        if name.endswith(".lock"):
+            key = name[: -len(".lock")]
+        elif name.endswith(".fingerprint.json"):
+            key = name[: -len(".fingerprint.json")]
+        elif name.startswith(".work-"):
+            key = name[len(".work-"):]
+        elif name.startswith((".tmp-", ".stale-")):
+            key = name.split("-", 1)[1].rsplit("-", 1)[0]  # .tmp-<key>-<8 hex>
+        else:
+            continue
+        found.setdefault(key, []).append(path)
+    return found
+
+
+def _sweep_leftovers(cache: Path, dry_run: bool, lines: list[str]) -> int:
+    """After `prune --all`: remove what entries leave beside them, key by key under the key's lock
+    (taken without waiting, so what a running stage holds stays), the lock file last. Unlinking a
+    held lock file is safe: a process waiting on it sees the unlinked file once it gets it and
+    opens the path again (filelock >= 4)."""
+    freed = 0
+    for kind_dir in sorted(p for p in Path(cache).iterdir() if p.is_dir()):
+        if kind_dir.name.startswith(".") or kind_dir.name == RESULTS:
+            continue
+        for key, paths in sorted(_leftovers(kind_dir).items()):
+            if (kind_dir / key).exists():  # a kept entry keeps its lock and fingerprint
+                continue
+            lock = kind_dir / f"{key}.lock"
+            holder = FileLock(str(lock), timeout=0)
+            try:
+                holder.acquire()
+            except Timeout:
+                lines.append(f"kept {kind_dir.name}/{key}'s lock and work folder: a running stage "
+                             "holds it")
+                continue
+            try:
+                paths = sorted({*paths, lock})  # acquiring it made it, if it was missing
+                size = sum(_size_of(p) for p in paths)
+                work = [p.name for p in paths if p.name.startswith(".work-")]
+                if not dry_run:
+                    for path in sorted(paths, key=lambda p: p == lock):
+                        if path.is_dir() and not path.is_symlink():
+                            shutil.rmtree(path, ignore_errors=True)
+                        else:
+                            path.unlink(missing_ok=True)
+                freed += size
+                what = ", ".join(sorted(p.name for p in paths))
+                note = " (an unfinished build's checkpoints)" if work else ""
+                lines.append(f"{'would remove' if dry_run else 'removed'} leftovers of "
+                             f"{kind_dir.name}/{key}: {what}{note}")
+            finally:
+                holder.release()
+    # The kind folders stay, empty: a run may be about to create its lock in one.
+    return freed
+
+
+def _size_of(path: Path) -> int:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def verify(cache: Path, dry_run: bool = False) -> tuple[list[str], int]:

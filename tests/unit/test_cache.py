@@ -250,6 +250,55 @@ def test_prune_keeps_an_entry_whose_lock_another_process_holds(tmp_path):
     assert not held.exists()
 
 
+def _files_under(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir())
+
+
+def test_prune_all_leaves_no_locks_work_or_temporary_folders(tmp_path):
+    store = Store.at(tmp_path)
+    _build(store, "adapter", "done")
+    _build(store, "dataset", "d1")
+    # What a killed build leaves: its lock, its work folder (checkpoints), a temporary folder.
+    (tmp_path / "adapter" / ".work-killed" / "checkpoint-4").mkdir(parents=True)
+    (tmp_path / "adapter" / ".work-killed" / "checkpoint-4" / "model.bin").write_bytes(b"c" * 7)
+    (tmp_path / "adapter" / ".tmp-killed-0123abcd").mkdir()
+    (tmp_path / "adapter" / "killed.lock").touch()
+    (tmp_path / "dataset" / ".stale-d1-89abcdef").mkdir()
+    lines = cache.prune(tmp_path, everything=True, dry_run=True)
+    assert ("would remove leftovers of adapter/killed: .tmp-killed-0123abcd, .work-killed, "
+            "killed.lock (an unfinished build's checkpoints)") in lines
+    assert (tmp_path / "adapter" / ".work-killed").is_dir()  # a dry run removes nothing
+    lines = cache.prune(tmp_path, everything=True)
+    assert "removed leftovers of adapter/done: done.lock" in lines
+    assert _files_under(tmp_path / "adapter") == [] and _files_under(tmp_path / "dataset") == []
+    assert not list((tmp_path / "adapter").iterdir()) and not list((tmp_path / "dataset").iterdir())
+
+
+def test_prune_all_keeps_what_a_running_build_holds(tmp_path):
+    # Another process holds the lock of a build in progress (work folder, no entry yet): its lock
+    # and work folder stay; the unheld key's leftovers go.
+    store = Store.at(tmp_path)
+    _build(store, "adapter", "other")
+    work = tmp_path / "adapter" / ".work-building"
+    work.mkdir()
+    (work / "checkpoint.bin").write_bytes(b"c")
+    lock = tmp_path / "adapter" / "building.lock"
+    script = ("import sys; from filelock import FileLock\n"
+              f"with FileLock({str(lock)!r}):\n print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lines = cache.prune(tmp_path, everything=True)
+        assert "kept adapter/building's lock and work folder: a running stage holds it" in lines
+        assert _files_under(tmp_path / "adapter") == [".work-building/checkpoint.bin", "building.lock"]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    cache.prune(tmp_path, everything=True)
+    assert _files_under(tmp_path / "adapter") == []
+
+
 def test_prune_of_a_published_entry_says_so_and_keeps_a_partial_copy(tmp_path):
     from slmflow.manifest import publish_model
 
