@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +49,10 @@ def read_split(data: ArtifactRef, split: str) -> list[dict[str, Any]]:
     """Rows of a prepared split ('train' or 'eval') of a dataset stage folder."""
     with open(Path(data.uri) / f"{split}.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+def iter_split(data: ArtifactRef, split: str) -> Iterator[dict[str, Any]]:
+    """`read_split`, one row at a time (a large split is never held whole)."""
+    with open(Path(data.uri) / f"{split}.jsonl", encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)

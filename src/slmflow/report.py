@@ -92,7 +92,8 @@ def model_table(models: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             "p95_ms": m["latency_ms_p95"],
             "tokens_per_s": m["tokens_per_second"],
             "size_mb": round(m["size_bytes"] / 1e6, 1),
-            "n": m["n"],
+            # evaluate.max_examples: say the rows are a sample, and of how many
+            "n": f"{m['n']} of {m['sample']['of']} (sample)" if m.get("sample") else m["n"],
         })
     return table
 

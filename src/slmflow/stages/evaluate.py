@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from typing import Any
 
 from slmflow.artifacts import ArtifactRef, dir_size
 from slmflow.config import EvaluateConfig
+from slmflow.errors import StageCheckError
 from slmflow.stage import REQUIRED, Stage, Workspace
 
 OTHER = "(other)"
@@ -69,8 +72,32 @@ def _percentile(values: list[float], q: float) -> float:
 def key_config(cfg: EvaluateConfig, labels: list[str], split: str, **_: Any) -> dict[str, Any]:
     """What an evaluation depends on: not the quality gate, which judges it afterwards."""
     judged_after = {"max_accuracy_drop", "extra_files", "gate_set", "constrained"}
-    return {"evaluate": cfg.model_dump(mode="json", exclude=judged_after),
-            "labels": labels, "split": split}
+    dumped = cfg.model_dump(mode="json", exclude=judged_after)
+    if cfg.max_examples is None:  # the evaluations made before the sample existed keep their keys
+        dumped.pop("max_examples")
+        dumped.pop("sample_seed")
+    return {"evaluate": dumped, "labels": labels, "split": split}
+
+
+# Rows evaluated at a time: a large set is read and answered in chunks, never held whole (the
+# default run's sets, 144 and 240 rows, are one chunk: batches as before chunks existed).
+CHUNK_ROWS = 1024
+
+
+def eval_rows(cfg: EvaluateConfig, data: ArtifactRef, split: str
+              ) -> tuple[Iterable[dict[str, Any]], dict[str, Any] | None]:
+    """The rows to evaluate, as a stream (evaluate.limit, then the max_examples sample), and
+    what was sampled (None: every row)."""
+    from slmflow.folders import iter_split
+    from slmflow.sampling import stratified_sample
+
+    def rows() -> Iterable[dict[str, Any]]:
+        return islice(iter_split(data, split), cfg.limit)
+
+    if cfg.max_examples is None:
+        return rows(), None
+    sample, record = stratified_sample(rows, cfg.max_examples, cfg.sample_seed)
+    return sample, record
 
 
 def build(cfg: EvaluateConfig, ws: Workspace, model: ArtifactRef, data: ArtifactRef,
@@ -78,31 +105,40 @@ def build(cfg: EvaluateConfig, ws: Workspace, model: ArtifactRef, data: Artifact
     """Evaluate one model (base_model, merged_model or onnx_model) on a prepared split."""
     from slmflow.constrained import constrained_predictions
     from slmflow.fidelity import wilson_interval
-    from slmflow.folders import read_split
     from slmflow.generate import BATCH_SIZE, generate_answers, label_probabilities, load_backend
 
-    rows = read_split(data, split)[: cfg.limit]
+    rows, sample = eval_rows(cfg, data, split)
     backend = load_backend(model, trust_remote_code)
     tokenizer = backend.tokenizer
     longest = max(len(tokenizer(lab, add_special_tokens=False)["input_ids"]) for lab in labels)
     max_new = min(cfg.max_new_tokens, longest + 1)
-    prompts = [tokenizer(row["prompt"])["input_ids"] for row in rows]
-    backend.generate([prompts[0]], max_new)  # warm-up, not timed
-    started = time.perf_counter()
-    new, latencies = generate_answers(backend.generate, prompts, max_new)
-    seconds = time.perf_counter() - started
-    probs = label_probabilities(backend, prompts, labels)
-    constrained, constrained_by = constrained_predictions(backend, prompts, labels, probs, BATCH_SIZE)
-    gold, pred, n_tokens = [], [], 0
+    # Per row, only its gold, free and constrained answers and latency stay in memory.
+    gold, pred, constrained, latencies = [], [], [], []
+    n_tokens, seconds, constrained_by, warm = 0, 0.0, "", False
     with open(ws.out / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for row, tokens, p, c in zip(rows, new, probs, constrained):
-            n_tokens += len(tokens)
-            answer = tokenizer.decode(tokens, skip_special_tokens=True)
-            gold.append(row["label"])
-            pred.append(parse_answer(answer, labels))
-            f.write(json.dumps({"line": row["line"], "gold": row["label"], "pred": pred[-1],
-                                "pred_constrained": c, "answer": answer, "label_probs": {k: round(v, 6) for k, v in p.items()}},
-                               ensure_ascii=False) + "\n")
+        for chunk in _chunks(rows, CHUNK_ROWS):
+            prompts = [tokenizer(row["prompt"])["input_ids"] for row in chunk]
+            if not warm:
+                backend.generate([prompts[0]], max_new)  # warm-up, not timed
+                warm = True
+            started = time.perf_counter()
+            new, waited = generate_answers(backend.generate, prompts, max_new)
+            seconds += time.perf_counter() - started
+            latencies += waited
+            probs = label_probabilities(backend, prompts, labels)
+            chosen, constrained_by = constrained_predictions(backend, prompts, labels, probs, BATCH_SIZE)
+            for row, tokens, p, c in zip(chunk, new, probs, chosen):
+                n_tokens += len(tokens)
+                answer = tokenizer.decode(tokens, skip_special_tokens=True)
+                gold.append(row["label"])
+                pred.append(parse_answer(answer, labels))
+                constrained.append(c)
+                f.write(json.dumps({"line": row["line"], "gold": row["label"], "pred": pred[-1],
+                                    "pred_constrained": c, "answer": answer, "label_probs": {k: round(v, 6) for k, v in p.items()}},
+                                   ensure_ascii=False) + "\n")
+    if not gold:
+        raise StageCheckError(f"evaluate: the {split} set has no rows to evaluate; check "
+                              "evaluate.limit and the data")
     metrics = score(gold, pred, labels)
     correct = sum(g == p for g, p in zip(gold, pred))
     metrics.update(
@@ -114,15 +150,24 @@ def build(cfg: EvaluateConfig, ws: Workspace, model: ArtifactRef, data: Artifact
         latency_ms_p50=round(1000 * _percentile(latencies, 0.5), 2),
         latency_ms_p95=round(1000 * _percentile(latencies, 0.95), 2),
         tokens_per_second=round(n_tokens / max(seconds, 1e-9), 1),
-        examples_per_second=round(len(rows) / max(seconds, 1e-9), 1),
+        examples_per_second=round(len(gold) / max(seconds, 1e-9), 1),
         batch_size=BATCH_SIZE,
         size_bytes=dir_size(backend.folder),
     )
+    if sample is not None:
+        metrics["sample"] = sample
     (ws.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    ws.log(f"evaluate {model.kind} on {split}: accuracy {metrics['accuracy']:.3f}, "
+    sampled = f" (a sample of {sample['rows']} of {sample['of']} rows)" if sample else ""
+    ws.log(f"evaluate {model.kind} on {split}{sampled}: accuracy {metrics['accuracy']:.3f}, "
            f"macro-F1 {metrics['macro_f1']:.3f}, constrained accuracy "
            f"{metrics['accuracy_constrained']:.3f} ({constrained_by}), p50 {metrics['latency_ms_p50']} ms")
     return metrics
+
+
+def _chunks(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    it = iter(rows)
+    while chunk := list(islice(it, size)):
+        yield chunk
 
 
 STAGE = Stage(
