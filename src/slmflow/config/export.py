@@ -198,8 +198,8 @@ class EvaluateConfig(_Config):
         description="Evaluate at most this many rows of each set: a stratified sample (each "
         "label's share of the set kept, largest remainders rounded up), the same rows for every "
         "model, chosen by sample_seed; recorded in each evaluation (`sample`) and the report. "
-        "For large eval sets: evaluation costs about the same per row at any size. null: all "
-        "rows.",
+        "For large eval sets: an evaluation then costs N rows and two quick reads of the set "
+        "(bench.scaling). null: all rows.",
     )
     sample_seed: int = Field(
         0, title="Sample seed",

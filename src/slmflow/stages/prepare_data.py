@@ -143,20 +143,23 @@ def build(cfg: DataConfig, ws: Workspace, base: ArtifactRef, train_source: Artif
     for name, rows in splits:
         where = train_source.uri if name != "eval" or eval_source is None else eval_source.uri
         if name == "train" and cfg.corpus_strategy == "join":
-            tokenized = join_chunks(rows, tokenizer, cfg, _context_length(model_dir(base)))
-        else:
+            tokenized = iter(join_chunks(rows, tokenizer, cfg, _context_length(model_dir(base))))
+        else:  # one row at a time, written as it is made: no second copy of the split
+            tokenized = (tokenize_example(ex, tokenizer, cfg, loss_on) for ex in rows)
+        count, tokens, longest = 0, 0, 0
+        with open(ws.out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             try:
-                tokenized = [tokenize_example(ex, tokenizer, cfg, loss_on) for ex in rows]
+                for row in tokenized:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    count, tokens = count + 1, tokens + len(row["input_ids"])
+                    longest = max(longest, len(row["input_ids"]))
             except DataError as exc:
                 raise DataError(f"{where}:{exc}") from None
-        with open(ws.out / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in tokenized)
-        lengths = [len(r["input_ids"]) for r in tokenized]
         stats[name] = {
-            "rows": len(tokenized),
+            "rows": count,
             "labels": dict(Counter(r[cfg.label_column] for r in rows)),
-            "tokens": sum(lengths),
-            "max_len": max(lengths),
+            "tokens": tokens,
+            "max_len": longest,
         }
     joined = ""
     if cfg.corpus_strategy == "join":
