@@ -98,12 +98,14 @@ class _Backend:
 
     def __init__(self, folder: Path) -> None:
         self.tokenizer, self.folder, self.rows_generated = _Tokenizer(), folder, 0
+        self.most_scored = 0  # the most prompts held at once (a chunk)
 
     def generate(self, prompts, max_new):
         self.rows_generated += len(prompts)
         return [[p[0]] for p in prompts]
 
     def score_labels(self, prompts, label_ids):
+        self.most_scored = max(self.most_scored, len(prompts))
         return [[1.0 if i == p[0] % len(LABELS) else 0.0 for i in range(len(LABELS))] for p in prompts]
 
 
@@ -123,8 +125,9 @@ def test_chunks_answer_as_one_pass_and_a_sample_is_recorded(monkeypatch, tmp_pat
     data = _dataset(tmp_path / "data", _rows({"Fear": 20, "Joy": 15, "Sad": 10, "Surprise": 5}))
     whole, whole_rows, _ = _evaluate(monkeypatch, tmp_path, "whole", EvaluateConfig(), data)
     monkeypatch.setattr(evaluate, "CHUNK_ROWS", 7)  # 50 rows in 8 chunks
-    chunked, chunked_rows, _ = _evaluate(monkeypatch, tmp_path, "chunked", EvaluateConfig(), data)
+    chunked, chunked_rows, backend = _evaluate(monkeypatch, tmp_path, "chunked", EvaluateConfig(), data)
     assert chunked_rows == whole_rows and len(whole_rows.splitlines()) == 50
+    assert backend.most_scored == 7  # never more than a chunk's prompts at once
     same = ("accuracy", "macro_f1", "confusion", "n", "accuracy_constrained", "accuracy_ci95")
     assert {k: chunked[k] for k in same} == {k: whole[k] for k in same}
     assert "sample" not in whole
