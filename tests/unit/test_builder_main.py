@@ -130,3 +130,13 @@ def test_export_through_wrapper_is_byte_identical(tiny_model, tmp_path):
                                {builder_main.WORKERS_ENV: workers})
     assert "model.onnx.data" in hashes["serial"]
     assert hashes["serial"] == hashes["parallel"] == hashes["plain"]
+
+
+def test_thread_count_is_no_part_of_the_export_key_and_reaches_the_builder():
+    from slmflow.config import ExportConfig
+    from slmflow.stages import export
+
+    assert export.key_config(ExportConfig(quantize_workers=2)) == export.key_config(ExportConfig())
+    assert "quantize_workers" not in export.key_config(ExportConfig())
+    assert export.quantize_env(ExportConfig(quantize_workers=3)) == {builder_main.WORKERS_ENV: "3"}
+    assert export.quantize_env(ExportConfig()) == {}  # builder_main decides
