@@ -140,3 +140,11 @@ def test_thread_count_is_no_part_of_the_export_key_and_reaches_the_builder():
     assert "quantize_workers" not in export.key_config(ExportConfig())
     assert export.quantize_env(ExportConfig(quantize_workers=3)) == {builder_main.WORKERS_ENV: "3"}
     assert export.quantize_env(ExportConfig()) == {}  # builder_main decides
+
+
+def test_a_bad_thread_count_is_refused_by_the_config():
+    from slmflow.configio import build_config
+    from slmflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"export\.quantize_workers: Input should be greater than or equal to 1"):
+        build_config({"export": {"quantize_workers": 0}})
