@@ -30,6 +30,7 @@ from slmflow.manifest import build_manifest, publish_model
 from slmflow.preflight import fingerprint, validate_run
 from slmflow.report import build_report, write_report
 from slmflow.store import Store
+from slmflow.tracking import tracked
 
 
 def run_pipeline(config: PipelineConfig, run: Runner, publish: Callable[[dict, Path], None] | None = None,
@@ -43,6 +44,19 @@ def run_pipeline(config: PipelineConfig, run: Runner, publish: Callable[[dict, P
     started = time.perf_counter()
     if inputs is None or inputs.fingerprint != fingerprint(config):
         inputs = validate_run(config)
+    with tracked(config) as tracking:  # one MLflow run per pipeline run (tracking.enabled)
+        report, path, model_dir = run_stages(config, run, inputs, started)
+        if tracking is not None:
+            tracking.log_outcome(report, path, model_dir)
+        if publish:
+            publish(report, path)
+        check_quality_gate(report, path)
+    return path
+
+
+def run_stages(config: PipelineConfig, run: Runner, inputs: RunInputs, started: float
+               ) -> tuple[dict[str, Any], Path, Path]:
+    """Every stage, the published model and the written report; (report, its path, model dir)."""
     store, out_dir = inputs.store, Path(inputs.output_dir)
     timings: dict[str, dict[str, Any]] = {}
 
@@ -76,11 +90,7 @@ def run_pipeline(config: PipelineConfig, run: Runner, publish: Callable[[dict, P
     report = build_report(config, data, adapter, merged, onnx, sets, timings,
                           total_seconds=time.perf_counter() - started, exported_dir=model_dir,
                           search=search)
-    path = write_report(report, out_dir)
-    if publish:
-        publish(report, path)
-    check_quality_gate(report, path)
-    return path
+    return report, write_report(report, out_dir), model_dir
 
 
 def check_quality_gate(report: dict[str, Any], path: Path) -> None:

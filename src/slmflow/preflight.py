@@ -193,8 +193,10 @@ def validate_run(config: PipelineConfig) -> RunInputs:
     """Check everything a run needs and resolve its inputs (call once per run)."""
     from slmflow.placement import check_placement
     from slmflow.stages.finetune import check_target_modules, world_of
+    from slmflow.tracking_check import check_tracking
 
     output_dir = check_output_dir(config)
+    check_tracking(config.tracking)  # the MLflow server answers now, not after the fine-tune
     store = store_for(config)
     check_placement(config)  # pools and their stage deployments exist (only where placed)
     world_of(config.finetune)  # processes, nodes, backend: refused here with the fix

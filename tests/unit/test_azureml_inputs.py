@@ -154,24 +154,3 @@ def test_two_working_directories_share_stage_outputs_through_the_remote(tmp_path
     third = c.build("adapter", key_a, [], _build(built), log=logs.append)
     assert built == [1, 1] and not third.cached and third.sha256 == first.sha256
     assert any("does not match its manifest; rebuilding" in m for m in logs)
-
-
-def test_register_the_exported_model_with_its_content_hash(tmp_path):
-    from slmflow.azureml.register import register_exported_model
-
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "genai_config.json").write_text("{}")
-    (model / "manifest.json").write_text(json.dumps({
-        "stages": {"export": {"sha256": "abc"}}, "config": {"export": {"precision": "int4"}}}))
-    calls = []
-
-    class Fake:
-        def register_model(self, path, name, description, tags):
-            calls.append((path, name, tags))
-            return f"{name}:1"
-
-    assert register_exported_model(model, "tone-int4", Fake()) == "tone-int4:1"
-    assert calls == [(model, "tone-int4", {"slmflow.sha256": "abc", "slmflow.precision": "int4"})]
-    with pytest.raises(ConfigError, match=r"not an exported slmflow model"):
-        register_exported_model(tmp_path, "x", Fake())

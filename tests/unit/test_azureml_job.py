@@ -209,6 +209,27 @@ def test_bad_references_and_paths_name_the_variable(monkeypatch, tmp_path):
         cfg.build_job()
 
 
+def test_the_job_carries_what_mlflow_tracking_needs_and_no_tracking_uri(monkeypatch, tmp_path):
+    """The environment has the MLflow client (the `tracking` extra's pin) and AzureML's plugin;
+    the tracking URI is AzureML's to set in the job, never the worker's (nor hard-coded)."""
+    import tomllib
+
+    from azure.ai.ml import load_job
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # the worker's own
+    cfg, _ = configuration(monkeypatch)
+    path = tmp_path / "job.yml"
+    cfg.build_job(suffix="a1b2c3").dump(str(path))
+    loaded = load_job(str(path))
+    conda = str(loaded.environment.conda_file)
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    [client] = extras["tracking"]
+    assert client.startswith("mlflow-skinny==") and client in conda
+    assert "azureml-mlflow==" in conda
+    assert not any(k.startswith("MLFLOW_") for k in loaded.environment_variables)
+    assert "127.0.0.1:5000" not in path.read_text()
+
+
 def test_the_shipped_conda_file_pins_what_pyproject_pins():
     import tomllib
 

@@ -110,14 +110,9 @@ class AzureMLClient:
 
         return Path(download_artifact_from_aml_uri(uri, str(dest), self.ml.datastores))
 
-    def register_model(self, path: Path, name: str, description: str, tags: dict[str, str]) -> str:
-        """Register a local model folder in the workspace; returns name:version."""
-        from azure.ai.ml.entities import Model
-
-        model = self.ml.models.create_or_update(
-            Model(path=str(path), name=name, type="custom_model", description=description, tags=tags)
-        )
-        return f"{model.name}:{model.version}"
+    def mlflow_tracking_uri(self) -> str:
+        """The workspace's MLflow tracking URI (azureml://...): its runs and its model list."""
+        return self.ml.workspaces.get(self.workspace.workspace).mlflow_tracking_uri
 
 
 def workspace_from_env(field: str) -> Workspace:

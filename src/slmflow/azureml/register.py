@@ -1,35 +1,49 @@
-"""Register an exported model folder (OUTPUT_DIR/model) in an AzureML workspace.
+"""Register an exported model folder (OUTPUT_DIR/model) in an AzureML workspace, through MLflow.
 
 Run as:
     python -m slmflow.azureml.register runs/default/model --name tone-int4 \
         --subscription SUB --resource-group RG --workspace WS
 
-Its manifest.json (content hashes, config, versions) goes along as the model's files; the tags
-carry the export's content hash and precision, so a registered version says what it is.
+The workspace's model list is its MLflow model registry, so this is the pipeline's own path
+(`tracking.log_model`, slmflow.registry) aimed at the workspace's MLflow tracking URI: one run in
+the experiment `slmflow-register` logs the folder, the version carries the same tags (every
+file's sha256, the manifest's content hashes), and a folder already registered is not registered
+again. A pipeline run inside an AzureML job with `tracking.log_model` needs none of this.
+Needs the MLflow client and AzureML's plugin: pip install mlflow-skinny azureml-mlflow.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Any
 
-from slmflow.errors import ConfigError
+from slmflow.registry import check_model_folder
+
+EXPERIMENT = "slmflow-register"
 
 
-def register_exported_model(model_dir: Path, name: str, client: Any) -> str:
-    """Register `model_dir` under `name`; returns NAME:VERSION."""
-    manifest_path = Path(model_dir) / "manifest.json"
-    if not (Path(model_dir) / "genai_config.json").is_file() or not manifest_path.is_file():
-        raise ConfigError(f"{model_dir}: not an exported slmflow model (no genai_config.json and "
-                          "manifest.json); give OUTPUT_DIR/model of a finished run")
-    manifest = json.loads(manifest_path.read_text())
-    export = manifest.get("stages", {}).get("export", {})
-    tags = {"slmflow.sha256": str(export.get("sha256", "")),
-            "slmflow.precision": str(manifest.get("config", {}).get("export", {}).get("precision", ""))}
-    return client.register_model(Path(model_dir), name, "slmflow int4 ONNX model "
-                                 "(onnxruntime-genai)", tags)
+def register_exported_model(model_dir: Path, name: str, tracking_uri: str,
+                            experiment: str = EXPERIMENT) -> str:
+    """Register `model_dir` under `name` in the registry of `tracking_uri`; returns NAME:VERSION."""
+    from mlflow import MlflowClient
+
+    from slmflow.registry import register_model_folder
+
+    check_model_folder(model_dir)  # before any call to the workspace
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run_id = client.create_run(experiment_id, run_name=f"register-{name}",
+                               tags={"slmflow.model_dir": str(Path(model_dir).resolve())}).info.run_id
+    try:
+        version, reused = register_model_folder(client, run_id, Path(model_dir), name)
+        client.set_tag(run_id, "slmflow.model_version", version)
+        client.set_tag(run_id, "slmflow.model_version_reused", str(reused).lower())
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return f"{name}:{version}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resource-group", required=True, help="resource group of the workspace")
     p.add_argument("--workspace", required=True, help="AzureML workspace name")
     args = p.parse_args(argv)
+    check_model_folder(args.model_dir)
     client = AzureMLClient(Workspace(args.subscription, args.resource_group, args.workspace))
-    print(register_exported_model(args.model_dir, args.name, client))
+    print(register_exported_model(args.model_dir, args.name, client.mlflow_tracking_uri()))
     return 0
 
 

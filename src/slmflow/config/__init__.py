@@ -41,12 +41,13 @@ from slmflow.config.export import (
 from slmflow.config.finetune import DistributedConfig, FinetuneConfig, MergeConfig
 from slmflow.config.model import BaseModelConfig
 from slmflow.config.placement import PlacementConfig
+from slmflow.config.tracking import TrackingConfig
 
 __all__ = [
     "ALL_RECIPES", "BUNDLED_TONES", "DEFAULT_CANDIDATES", "SEED_TEMPLATE", "SHIFTED_TONES", "SMOLLM2_GGUF",
     "BaseModelConfig", "DataConfig", "DistributedConfig", "EvaluateConfig", "ExportConfig",
     "FinetuneConfig", "MergeConfig", "PathSpec", "PipelineConfig", "PlacementConfig", "RecipeName",
-    "RecipeSearchConfig", "SensitivityConfig", "eval_set_name",
+    "RecipeSearchConfig", "SensitivityConfig", "TrackingConfig", "eval_set_name",
 ]
 
 
@@ -60,6 +61,7 @@ class PipelineConfig(_Config):
     export: ExportConfig = Field(default_factory=ExportConfig, title="Export")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, title="Evaluation")
     placement: PlacementConfig = Field(default_factory=PlacementConfig, title="Placement")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, title="Experiment tracking")
     output_dir: PathSpec = Field(
         "runs/default",
         title="Output folder",
