@@ -132,7 +132,7 @@ def key_config(cfg: ExportConfig) -> dict[str, Any]:
     # What is built, not how it was chosen: a recipe search's candidate and the same recipe
     # asked for by hand share one folder. The quantizer and sensitivity fields count only when
     # used, so the exports made before they existed keep their keys.
-    dumped = cfg.model_dump(mode="json", exclude={"recipe", "search"})
+    dumped = cfg.model_dump(mode="json", exclude={"recipe", "search", "adapters"})
     if cfg.quantizer == "builder":
         dumped.pop("quantizer")
     if cfg.quantizer != "gptq":
