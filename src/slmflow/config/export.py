@@ -183,10 +183,10 @@ class ExportConfig(_Config):
                 raise ValueError("export.recipe=auto searches merged exports; with "
                                  "export.adapters=separate set export.recipe=manual (and the "
                                  "recipe's precision/algo_config)")
-            taken = sorted({"adapter_path", "nodes_to_exclude"} & set(self.extra_options))
-            if taken:
-                raise ValueError(f"export.extra_options: {', '.join(taken)} is set by "
-                                 "export.adapters=separate; drop it from extra_options")
+            if "adapter_path" in self.extra_options:
+                raise ValueError("export.extra_options: adapter_path is set by "
+                                 "export.adapters=separate (a zero adapter of the fine-tune's "
+                                 "shape); drop it from extra_options")
         if self.sensitivity.int8_budget and self.precision != "int4":
             raise ValueError("export.sensitivity.int8_budget keeps int4 MatMuls at int8: set "
                              "export.precision=int4 or the budget to 0")

@@ -57,7 +57,8 @@ def build_base(cfg: ExportConfig, ws: Workspace, base: ArtifactRef, lora: dict[s
     oa.write_shape_adapter(folder, lora["target_modules"], lora["r"], shape_dir)
     extra = {**cfg.extra_options, "adapter_path": str(shape_dir)}
     if cfg.precision in ("int4", "int8"):  # the base quantized, its LoRA branches kept fp32
-        extra["nodes_to_exclude"] = ",".join(nodes)
+        asked = str(cfg.extra_options.get("nodes_to_exclude") or "")  # the user's, kept
+        extra["nodes_to_exclude"] = ",".join([n for n in asked.split(",") if n] + nodes)
     cmd = export.builder_command(cfg.model_copy(update={"extra_options": extra}), folder, ws.out,
                                  ws.work / "builder-cache")
     ws.log("export_base: " + " ".join(cmd[2:]).replace(",".join(nodes), f"<{len(nodes)} LoRA MatMuls>"))
