@@ -180,3 +180,68 @@ def test_an_adapter_file_of_another_base_build_is_one_line(bundle, tmp_path):
                        r"again") as info:
         Classifier(copy)
     assert "\n" not in str(info.value)
+
+
+def _build(model: Path, out: Path, adapter: Path, nodes: list[str], cache: Path) -> None:
+    subprocess.run([sys.executable, "-m", "slmflow.stages.builder_main", "-i", str(model), "-o",
+                    str(out), "-p", "int4", "-e", "cpu", "-c", str(cache), "--extra_options",
+                    "hf_token=false", "algo_config=k_quant", f"adapter_path={adapter}",
+                    "nodes_to_exclude=" + ",".join(nodes)],
+                   env={**os.environ, "GIT_DIR": os.devnull}, check=True, capture_output=True,
+                   timeout=600)
+
+
+def test_a_llama_adapter_on_every_projection_matches_the_baked_in_build(tiny_model, tmp_path):
+    """SmolLM2's layout (Llama: q, k, v apart, grouped-query k/v, the MLP's gate/up/down) on a
+    random two-layer model: every LoRA input mapped, logits as the builder's own LoRA build."""
+    import onnxruntime_genai as og
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from slmflow import onnx_adapters as oa
+
+    torch.manual_seed(0)
+    model_dir, adapter = tmp_path / "llama", tmp_path / "adapter"
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True)).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(model_dir)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft = get_peft_model(LlamaForCausalLM.from_pretrained(model_dir),
+                          LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
+    with torch.no_grad():  # a trained adapter's B is not zero
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft.save_pretrained(adapter)
+
+    nodes = oa.lora_node_names(2, targets)
+    oa.write_shape_adapter(model_dir, targets, 8, tmp_path / "shape")
+    _build(model_dir, tmp_path / "base", tmp_path / "shape", nodes, tmp_path / "c")
+    _build(model_dir, tmp_path / "baked", adapter, nodes, tmp_path / "c")
+    params = oa.expose_lora_inputs(tmp_path / "base", nodes)
+    assert len(params) == 2 * 7 * 2
+    config, weights = oa.read_peft(adapter)
+    oa.export_adapter(oa.adapter_tensors(config, weights, params), tmp_path / "a.onnx_adapter", 1)
+
+    def logits(folder: Path, adapter_file: Path | None = None) -> np.ndarray:
+        model = og.Model(str(folder))
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=12, batch_size=1)
+        gen = og.Generator(model, params)
+        if adapter_file is not None:
+            loaded = og.Adapters(model)
+            loaded.load(str(adapter_file), "a")
+            gen.set_active_adapter(loaded, "a")
+        gen.append_tokens(np.asarray([[1, 5, 9, 33, 70, 100, 7]], dtype=np.int32))
+        out = [gen.get_output("logits")[0, -1].copy()]
+        for _ in range(3):
+            gen.generate_next_token()
+            out.append(gen.get_output("logits")[0, -1].copy())
+        return np.stack(out)
+
+    baked = logits(tmp_path / "baked")
+    assert np.abs(logits(tmp_path / "base", tmp_path / "a.onnx_adapter") - baked).max() < LOGIT_TOLERANCE
+    assert np.abs(logits(tmp_path / "base") - baked).max() > 100 * LOGIT_TOLERANCE  # the adapter matters
