@@ -20,7 +20,7 @@ from typing import Any
 
 from slmflow import onnx_adapters as oa
 from slmflow.artifacts import MANIFEST, ArtifactRef, hash_file, replace_dir
-from slmflow.errors import SlmflowError
+from slmflow.errors import SlmflowError, StageCheckError
 
 
 class BundleError(SlmflowError):
@@ -96,7 +96,10 @@ def bundle_folders(sources: list[Path], output: Path) -> Path:
     for folder, card in zip(folders, cards, strict=True):
         block = card["adapters"]
         for name, entry in block["files"].items():
-            oa.check_fits(f"{name} ({folder})", block["lora"], f"{base}", first["lora"])
+            try:
+                oa.check_fits(f"{name} ({folder})", block["lora"], f"{base}", first["lora"])
+            except StageCheckError as exc:  # bad input to the command: exit 2
+                raise BundleError(str(exc)) from None
             if entry["base_version"] != first["base_version"]:
                 raise BundleError(
                     f"adapter {name} ({folder}) was exported for base version "

@@ -158,11 +158,11 @@ def test_a_bundle_of_two_adapters_shares_the_base_and_keeps_both_cards(tmp_path)
 
 
 def test_a_bundle_refuses_an_adapter_of_another_rank_naming_both(tmp_path):
-    from slmflow.bundle import bundle_folders
+    from slmflow.bundle import BundleError, bundle_folders
 
     one = _separate_folder(tmp_path, "one", "tones", 2, 5)
     two = _separate_folder(tmp_path, "two", "tickets", 4, 5)
-    with pytest.raises(StageCheckError, match=r"adapter tickets \(.*two/model\) \(target_modules "
+    with pytest.raises(BundleError, match=r"adapter tickets \(.*two/model\) \(target_modules "
                        r"\['o_proj'\], r 4\) does not fit base .*one/model \(target_modules "
                        r"\['o_proj'\], r 2\)"):
         bundle_folders([one, two], tmp_path / "bundle")
@@ -189,3 +189,16 @@ def test_a_bundle_of_a_merged_model_says_what_to_do(tmp_path):
     with pytest.raises(ModelFolderError, match=r"holds a merged model, no adapter file; run it "
                        r"with export.adapters=separate"):
         bundle_folders([one], tmp_path / "bundle")
+
+
+def test_slmflow_bundle_refuses_with_one_line_and_exit_2(tmp_path, capsys):
+    from slmflow.cli import main
+
+    one = _separate_folder(tmp_path, "one", "tones", 2, 5)
+    two = _separate_folder(tmp_path, "two", "tickets", 2, 6)
+    assert main(["bundle", "--output", str(tmp_path / "b"), str(one), str(two)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: adapter tickets") and err.count("\n") == 1
+    assert not (tmp_path / "b").exists()
+    assert main(["bundle", "--output", str(tmp_path / "b"), str(one), str(one / "model")]) == 2
+    assert "two adapters are named tones" in capsys.readouterr().err
