@@ -79,14 +79,24 @@ def run_stages(config: PipelineConfig, run: Runner, inputs: RunInputs, started: 
     merged = stage("merge", "merge", config.merge, base=base, adapter=adapter, data=data,
                    trust_remote_code=config.model.trust_remote_code)
 
-    sets, onnx, search = evaluate_and_export(config, inputs, stage, steps, base, data, merged)
+    sets, onnx, search, onnx_adapter = evaluate_and_export(config, inputs, stage, steps, base,
+                                                           data, merged, adapter)
     refs = {"base_model": base, "prepare_data": data, "finetune": adapter, "merge": merged,
             "export": onnx}
+    if onnx_adapter is not None:
+        refs["export_adapter"] = onnx_adapter
     sources = {"model_source": inputs.model_source, "train_source": inputs.train_source,
                "eval_source": inputs.eval_source,
                **{f"extra_eval[{name}]": ref for name, ref in inputs.extra_sources.items()}}
-    model_dir = publish_model(onnx, out_dir, build_manifest(config, sources, refs))
-    record_use(store.root, out_dir, [t["uri"] for t in timings.values()], onnx.uri)  # cache ls
+    manifest = build_manifest(config, sources, refs)
+    if onnx_adapter is None:
+        model_dir = publish_model(onnx, out_dir, manifest)
+    else:  # the base, this fine-tune's adapter file, and what it was trained on
+        from slmflow.bundle import publish_separate, run_entry
+
+        model_dir = publish_separate(onnx, [run_entry(config, onnx_adapter, data)], out_dir, manifest)
+    used = [t["uri"] for t in timings.values()]
+    record_use(store.root, out_dir, used, onnx.uri)  # cache ls
     report = build_report(config, data, adapter, merged, onnx, sets, timings,
                           total_seconds=time.perf_counter() - started, exported_dir=model_dir,
                           search=search)
@@ -116,17 +126,23 @@ def check_quality_gate(report: dict[str, Any], path: Path) -> None:
 def evaluate_and_export(
     config: PipelineConfig, inputs: RunInputs, stage: Callable[..., ArtifactRef],
     steps: Callable[..., list[ArtifactRef]], base: ArtifactRef, data: ArtifactRef,
-    merged: ArtifactRef,
-) -> tuple[dict[str, dict[str, ArtifactRef]], ArtifactRef, dict[str, Any] | None]:
+    merged: ArtifactRef, adapter: ArtifactRef | None = None,
+) -> tuple[dict[str, dict[str, ArtifactRef]], ArtifactRef, dict[str, Any] | None, ArtifactRef | None]:
     """Base and merged evaluated on every set (the split, then each of evaluate.extra_files,
     prepared with its own key), the export (or the recipe search, judged on the validation split
     when the data has one, else on the gate's set), then the exported model on every set;
-    (sets, the export, the search)."""
+    (sets, the export, the search, the adapter file's stage with export.adapters=separate).
 
-    def evaluate(model: ArtifactRef, label: str, on: ArtifactRef = data, **split: str) -> ArtifactRef:
+    Separate form: the exported model is the shared base build with this fine-tune's adapter
+    file; with evaluate.compare_merged_export the merged export is evaluated beside it
+    (`exported_merged`)."""
+
+    def evaluate(model: ArtifactRef, label: str, on: ArtifactRef = data,
+                 with_adapter: ArtifactRef | None = None, **split: str) -> ArtifactRef:
+        extra = {"adapter": with_adapter} if with_adapter is not None else {}
         return stage(label, "evaluate", config.evaluate, model=model, data=on,
                      labels=config.data.labels, trust_remote_code=config.model.trust_remote_code,
-                     **split)
+                     **extra, **split)
 
     def label(who: str, name: str) -> str:
         return f"evaluate_{who}" if name == "eval" else f"evaluate_{who}[{name}]"
@@ -139,8 +155,14 @@ def evaluate_and_export(
     sets = {name: {who: evaluate(model, label(who, name), on)
                    for who, model in (("base", base), ("merged", merged))}
             for name, on in prepared.items()}
-    gate, search = config.evaluate.gate_set, None
-    if config.export.recipe == "auto":  # every candidate exported and evaluated, one kept
+    gate, search, onnx_adapter = config.evaluate.gate_set, None, None
+    if config.export.adapters == "separate":
+        onnx, onnx_adapter = export_separate(config, steps, base, adapter, data)
+        if config.evaluate.compare_merged_export:
+            merged_onnx = stage("export", "export", config.export, merged=merged, data=data)
+            for name, on in prepared.items():
+                sets[name]["exported_merged"] = evaluate(merged_onnx, label("exported_merged", name), on)
+    elif config.export.recipe == "auto":  # every candidate exported and evaluated, one kept
         # on the validation rows when the data has them: then no reported set made the choice
         if "validation" in data.meta:
             choice = {"merged": evaluate(merged, label("merged", "validation"), split="validation")}
@@ -153,8 +175,25 @@ def evaluate_and_export(
     else:
         onnx = stage("export", "export", config.export, merged=merged, data=data)
     for name, on in prepared.items():
-        sets[name]["exported"] = evaluate(onnx, label("exported", name), on)
-    return sets, onnx, search
+        sets[name]["exported"] = evaluate(onnx, label("exported", name), on, onnx_adapter)
+    return sets, onnx, search, onnx_adapter
+
+
+def export_separate(config: PipelineConfig, steps: Callable[..., list[ArtifactRef]],
+                    base: ArtifactRef, adapter: ArtifactRef | None,
+                    data: ArtifactRef) -> tuple[ArtifactRef, ArtifactRef]:
+    """export.adapters=separate: the base build shared by every fine-tune of this base, recipe
+    and LoRA shape (read from the fine-tune's adapter_config.json), then this adapter's file."""
+    from slmflow.stages.export_separate import lora_of
+
+    if adapter is None:
+        raise TypeError("export.adapters=separate needs the fine-tune's adapter")
+    [onnx_base] = steps(Step("export_base", "export_base", config.export,
+                             {"base": base, "lora": lora_of(adapter)}, where="export"))
+    [onnx_adapter] = steps(Step("export_adapter", "export_adapter", config.export,
+                                {"onnx_base": onnx_base, "adapter": adapter, "data": data},
+                                where="export"))
+    return onnx_base, onnx_adapter
 
 
 def search_export_recipe(

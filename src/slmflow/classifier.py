@@ -17,6 +17,11 @@ evaluation's answer for the same row.
 - free (`constrained=False`): the greedy answer, read as the label it starts with (else
   "(other)"), as the evaluation reads it.
 
+A folder of the separate form (`export.adapters: separate`, `slmflow bundle`) holds one base and
+an adapter file per task, each with its own card: `Classifier(folder, adapter="tickets")` picks
+one (default: the card's `adapters.default`), `clf.use("tones")` switches in the loaded model
+(every adapter file is loaded once; a file exported for another base build is refused, one line).
+
 The confidence is the label's probability from the model's own scores at the answer position,
 normalised over the label set (`slmflow.generate.label_probabilities`: the label scoring the
 fidelity metrics use); `probabilities` holds every label's.
@@ -59,27 +64,52 @@ class Classifier:
             published by an older slmflow).
         constrained: the default mode of `__call__` and `predict`.
         batch_size: rows generated together (the evaluation's, `slmflow.generate.BATCH_SIZE`).
+        adapter: in a folder with adapter files, the one to start with (default: the card's).
     """
 
-    def __init__(self, path: str | Path, constrained: bool = True, batch_size: int | None = None) -> None:
+    def __init__(self, path: str | Path, constrained: bool = True, batch_size: int | None = None,
+                 adapter: str | None = None) -> None:
         from slmflow.generate import BATCH_SIZE, onnx_backend
-        from slmflow.modelcard import ModelFolderError, read_card
+        from slmflow.modelcard import ModelFolderError, adapter_files, read_card
 
         self.path = Path(path)
-        self.card = read_card(self.path)
-        self.labels: list[str] = list(self.card["labels"])
-        self.input_columns: list[str] = list(self.card["input_columns"])
+        self.folder_card = read_card(self.path)
+        files = adapter_files(self.path, self.folder_card)  # {} for a merged model
+        self.adapters: list[str] = list(files)
         self.constrained = constrained
         self.batch_size = batch_size or BATCH_SIZE
         try:
-            self.backend = onnx_backend(self.path)
+            self.backend = onnx_backend(self.path, files or None)
         except Exception as exc:  # noqa: BLE001 - a folder onnxruntime-genai cannot load
             raise ModelFolderError(f"{self.path}: onnxruntime-genai cannot load the model "
                                    f"({' '.join(str(exc).split())})") from None
+        self._lock = threading.Lock()
+        self.adapter: str | None = None
+        self._card(self.folder_card)
+        if files:
+            self.use(adapter or self.folder_card["adapters"]["default"])
+        elif adapter is not None:
+            raise ModelFolderError(f"{self.path} holds one merged model, no adapter {adapter!r}")
+
+    def _card(self, card: dict[str, Any]) -> None:
+        self.card = card
+        self.labels: list[str] = list(card["labels"])
+        self.input_columns: list[str] = list(card["input_columns"])
         tok = self.backend.tokenizer
         longest = max(len(tok(lab, add_special_tokens=False)["input_ids"]) for lab in self.labels)
-        self.max_new_tokens = min(int(self.card["max_new_tokens"]), longest + 1)  # as evaluate
-        self._lock = threading.Lock()
+        self.max_new_tokens = min(int(card["max_new_tokens"]), longest + 1)  # as evaluate
+
+    def use(self, adapter: str) -> None:
+        """Answer with this adapter (and its task's card) from now on, in the loaded model."""
+        from slmflow.modelcard import ModelFolderError
+
+        if adapter not in self.adapters:
+            raise ModelFolderError(f"{self.path} has no adapter {adapter!r}; it has "
+                                   f"{', '.join(self.adapters) or 'none'}")
+        with self._lock:
+            self.backend.use_adapter(adapter)
+            self._card(self.folder_card["adapters"]["files"][adapter]["card"])
+            self.adapter = adapter
 
     def prompt(self, item: str | Mapping[str, Any]) -> str:
         """The prompt of one text (a string fills the template's single column; a mapping gives

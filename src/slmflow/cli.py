@@ -9,6 +9,7 @@ Run as:
     slmflow convert-olive OLIVE_CONFIG.json      # the slmflow config, and what each Olive key became
     slmflow predict --model DIR "text" ... | --input FILE [--output FILE.jsonl] [--free]
     slmflow serve --model DIR [--host 127.0.0.1] [--port 8000]
+    slmflow bundle --output DIR RUN_DIR RUN_DIR ...   # one base, the adapters of separate runs
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("texts", nargs="*", help="texts to label")
     predict.add_argument("--input", "-i", help=".jsonl or .csv with the model's text columns")
     predict.add_argument("--output", "-o", help="write the answers here (.jsonl; default stdout)")
+    predict.add_argument("--adapter", help="a folder with adapter files: the one to answer with "
+                         "(default: the folder's default)")
     predict.add_argument("--free", action="store_true",
                          help="the free greedy answer (may be outside the label set)")
     serve = sub.add_parser("serve", help="serve a published model folder over HTTP "
@@ -93,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", "-m", required=True, help="OUTPUT_DIR/model of a finished run")
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     serve.add_argument("--port", type=int, default=8000)
+    bundle = sub.add_parser("bundle", help="one folder (OUTPUT/model) with the shared int4 base "
+                            "and the adapter files of several export.adapters=separate runs")
+    bundle.add_argument("runs", nargs="+", help="output folders (or their model/ folders)")
+    bundle.add_argument("--output", "-o", required=True, help="the bundle goes to OUTPUT/model")
     tiny = sub.add_parser("make-tiny-model", help="build the tiny random-init Phi-3 for tests")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
@@ -152,11 +159,17 @@ def _tools(args: argparse.Namespace) -> int | None:
     if args.command == "predict":
         from slmflow.predict import run_predict
 
-        return run_predict(args.model, args.texts, args.input, args.output, args.free)
+        return run_predict(args.model, args.texts, args.input, args.output, args.free,
+                           args.adapter)
     if args.command == "serve":
         from slmflow.serve import serve
 
         return serve(args.model, args.host, args.port)
+    if args.command == "bundle":
+        from slmflow.bundle import bundle_folders
+
+        print(f"bundle: {bundle_folders(args.runs, args.output)}")
+        return 0
     if args.command == "convert-olive":
         from slmflow.configio import convert_olive_file
 

@@ -99,5 +99,5 @@ def summarize_set(evaluations: dict[str, Any]) -> dict[str, Any]:
     to the merged one (the model the fine-tune made)."""
     rows = {name: read_predictions(ref) for name, ref in evaluations.items()}
     fidelity = {f"{who}_vs_merged": compare(rows["merged"], rows[who])
-                for who in ("exported", "base") if who in rows and "merged" in rows}
+                for who in ("exported", "exported_merged", "base") if who in rows and "merged" in rows}
     return {"models": {name: ref.meta for name, ref in evaluations.items()}, "fidelity": fidelity}

@@ -62,6 +62,8 @@ class Backend:
     module: Any = None  # the PyTorch model (slmflow.sensitivity changes its weights in place)
     # (equal-length prompts, max new tokens, regex) -> new tokens inside the regex (onnx only)
     guided: Callable[[list[list[int]], int, str], list[list[int]]] | None = None
+    # (name) -> None: the loaded adapter file every later generator runs with (separate form)
+    use_adapter: Callable[[str], None] | None = None
 
 
 def _log_softmax(logits: Any) -> Any:
@@ -118,14 +120,17 @@ def torch_backend(folder: Path, trust_remote_code: bool = False) -> Backend:
     return Backend(generate, score_labels, tokenizer, folder, module=model)
 
 
-def onnx_backend(folder: Path) -> Backend:
+def onnx_backend(folder: Path, adapter: Path | dict[str, Path] | None = None) -> Backend:
     """An exported model on onnxruntime-genai: batched greedy answers, teacher-forced labels (the
-    prompt's cache kept, each label appended and rewound)."""
+    prompt's cache kept, each label appended and rewound). `adapter`: an .onnx_adapter file for
+    this base (export.adapters=separate), active in every generator; or {name: file}, all loaded
+    once, the first active until `backend.use_adapter(name)`."""
     import numpy as np
     import onnxruntime_genai as og
     from transformers import AutoTokenizer
 
     model = og.Model(str(folder))
+    generator, use_adapter = _generators(model, adapter)
     eos_cfg = json.loads((folder / "genai_config.json").read_text())["model"]["eos_token_id"]
     eos = set(eos_cfg if isinstance(eos_cfg, list) else [eos_cfg])
 
@@ -136,7 +141,7 @@ def onnx_backend(folder: Path) -> Backend:
         )
         if regex is not None:  # llguidance masks every token the regex cannot continue with
             params.set_guidance("regex", regex)
-        gen = og.Generator(model, params)
+        gen = generator(params)
         gen.append_tokens(np.asarray(batch, dtype=np.int32))
         new: list[list[int]] = [[] for _ in batch]
         done = [False] * len(batch)
@@ -155,7 +160,7 @@ def onnx_backend(folder: Path) -> Backend:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(prompt) + max(len(lab) for lab in labels) + 1,
                                   batch_size=1)
-        gen = og.Generator(model, params)
+        gen = generator(params)
         gen.append_tokens(np.asarray([prompt], dtype=np.int32))
         first = _log_softmax(gen.get_output("logits")[0, -1])
         scores = []
@@ -173,7 +178,35 @@ def onnx_backend(folder: Path) -> Backend:
         return [score_one(p, labels) for p in prompts]
 
     return Backend(generate, score_labels, AutoTokenizer.from_pretrained(folder), folder, model,
-                   guided=_guided(generate))
+                   guided=_guided(generate), use_adapter=use_adapter)
+
+
+def _generators(model: Any, adapter: Path | dict[str, Path] | None
+                ) -> tuple[Callable[[Any], Any], Callable[[str], None] | None]:
+    """(`og.Generator(model, params)` with the active adapter set, the function that picks it).
+    Adapter files load once into one `og.Adapters`; the functions hold it, so it lives as long
+    as the backend."""
+    import onnxruntime_genai as og
+
+    if adapter is None:
+        return (lambda params: og.Generator(model, params)), None
+    files = adapter if isinstance(adapter, dict) else {"active": adapter}
+    adapters = og.Adapters(model)
+    for name, file in files.items():
+        adapters.load(str(file), name)
+    active = [next(iter(files))]
+
+    def generator(params: Any) -> Any:
+        gen = og.Generator(model, params)
+        gen.set_active_adapter(adapters, active[0])
+        return gen
+
+    def use_adapter(name: str) -> None:
+        if name not in files:
+            raise KeyError(f"no adapter {name!r}; loaded: {', '.join(files)}")
+        active[0] = name
+
+    return generator, use_adapter
 
 
 def _guided(generate: Callable[..., list[list[int]]]) -> Callable[[list[list[int]], int, str], list[list[int]]]:
@@ -194,12 +227,18 @@ def _guided(generate: Callable[..., list[list[int]]]) -> Callable[[list[list[int
     return guided
 
 
-def load_backend(model: ArtifactRef, trust_remote_code: bool = False) -> Backend:
-    """The backend of a base/merged model folder (PyTorch) or an exported one (onnxruntime-genai)."""
+def load_backend(model: ArtifactRef, trust_remote_code: bool = False,
+                 adapter: ArtifactRef | None = None) -> Backend:
+    """The backend of a base/merged model folder (PyTorch), an exported one, or an exported base
+    with a fine-tune's adapter file (onnxruntime-genai)."""
     from slmflow.folders import model_dir
 
     if model.kind == "onnx_model":
         return onnx_backend(model.path)
+    if model.kind == "onnx_base":
+        from slmflow.stages.export_separate import ADAPTER_FILE
+
+        return onnx_backend(model.path, adapter.path / ADAPTER_FILE if adapter else None)
     return torch_backend(model_dir(model), trust_remote_code)
 
 

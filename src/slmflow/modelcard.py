@@ -18,9 +18,14 @@ stage's output and every cache key stay as they were):
   "guidance": {"type": "regex", "data": "(Sad|Joy|Fear|Surprise)"},   // constrained answers
   "tokenizer": "transformers",         // prompt ids: AutoTokenizer(folder)(prompt), with its
                                        // special tokens, as the evaluation tokenized them
-  "adapters": null                     // reserved for issue "adapters"
+  "adapters": null                     // a merged model; the separate form: see below
 }
 ```
+
+The separate form (`export.adapters: separate`, `slmflow bundle`): `adapters` is
+`{"base_version", "lora": {"target_modules", "r"}, "default": NAME, "files": {NAME: {"file":
+"NAME.onnx_adapter", "sha256", "base_version", "trained_on", "card": {this task's fields}}}}` and
+the top-level fields are the default adapter's (`slmflow.bundle`).
 """
 
 from __future__ import annotations
@@ -97,3 +102,26 @@ def read_card(folder: str | Path) -> dict[str, Any]:
     if missing:
         raise ModelFolderError(f"{path} lacks {missing}; republish with `slmflow run`")
     return card
+
+
+def adapter_files(folder: Path, card: dict[str, Any]) -> dict[str, Path]:
+    """{name: file} of a separate-form folder ({} for a merged model), each file checked: present,
+    and exported for this base build (its model version), else one line saying what to do."""
+    block = card.get("adapters")
+    if not block:
+        return {}
+    from slmflow.errors import StageCheckError
+    from slmflow.onnx_adapters import check_adapter_file
+
+    files = {}
+    for name, entry in block["files"].items():
+        path = Path(folder) / entry["file"]
+        if not path.is_file():
+            raise ModelFolderError(f"{folder} lacks adapter file {entry['file']} named in {CARD}; "
+                                   "publish the folder again (slmflow run or slmflow bundle)")
+        try:
+            check_adapter_file(path, int(block["base_version"]), f"the base in {folder}")
+        except StageCheckError as exc:
+            raise ModelFolderError(str(exc)) from None
+        files[name] = path
+    return files

@@ -74,7 +74,7 @@ def _progress(total: int) -> tuple[Callable[[int], None], Callable[[], None]]:
 
 
 def run_predict(model: str, texts: list[str], input_file: str | None, output: str | None,
-                free: bool) -> int:
+                free: bool, adapter: str | None = None) -> int:
     """The `slmflow predict` command (errors raise SlmflowError: one line, exit 2)."""
     from slmflow.classifier import Classifier
     from slmflow.errors import ConfigError
@@ -83,7 +83,7 @@ def run_predict(model: str, texts: list[str], input_file: str | None, output: st
         raise ConfigError("predict: give texts to label, or --input FILE")
     if texts and input_file:
         raise ConfigError("predict: give texts or --input FILE, not both")
-    clf = Classifier(model, constrained=not free)
+    clf = Classifier(model, constrained=not free, adapter=adapter)
     if input_file:
         rows: list[Any] = read_texts(input_file, clf.input_columns)
         step, close = _progress(len(rows))

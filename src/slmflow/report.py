@@ -11,7 +11,8 @@ from typing import Any
 from slmflow.artifacts import write_atomic
 from slmflow.recipes import gate_passed, recipe_table, search_svg
 
-MODEL_ROWS = (("base", "Base"), ("merged", "Merged (PyTorch fp32)"), ("exported", "Exported (ONNX)"))
+MODEL_ROWS = (("base", "Base"), ("merged", "Merged (PyTorch fp32)"), ("exported", "Exported (ONNX)"),
+              ("exported_merged", "Exported, adapter merged (ONNX)"))
 
 
 def loss_curve_svg(history: list[dict[str, float]], width: int = 560, height: int = 260) -> str:
@@ -82,6 +83,8 @@ def model_table(models: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         m = models.get(key)
         if not m:
             continue
+        if m.get("model_kind") == "onnx_base+adapter":
+            name = "Exported (ONNX base + adapter file)"
         table.append({
             "model": name,
             "accuracy": round(m["accuracy"], 4),

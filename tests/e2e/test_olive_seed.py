@@ -88,3 +88,26 @@ def test_olive_013_qlora_config_runs_end_to_end(tiny_model, tmp_path):
     assert report["config"]["finetune"]["method"] == "qlora"
     assert report["config"]["data"]["eval_file"] == "data/eval.jsonl"
     assert report["export"]["builder_options"]["algo_config"] == "k_quant_mixed"
+
+
+def test_olive_multi_lora_config_runs_end_to_end(tiny_model, tmp_path):
+    """Olive's multi-LoRA flow (LoRA, ModelBuilder, ExtractAdapters; no merge): the int4 base and
+    an .onnx_adapter file, evaluated through onnxruntime-genai's Adapters API."""
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    shutil.copy(TONES, work / "data" / "train.jsonl")
+    shutil.copy(REPO / "tests" / "assets" / "tones_other.jsonl", work / "data" / "eval.jsonl")
+    config = json.loads((OLIVE / "olive013.json").read_text())
+    config["input_model"]["model_path"] = str(tiny_model)
+    config["passes"] = {k: v for k, v in config["passes"].items()
+                        if v["type"] != "MergeAdapterWeights"}
+    config["passes"]["extract"] = {"type": "ExtractAdapters", "make_inputs": True,
+                                   "save_format": "onnx_adapter"}
+
+    _run(work, config, "--set", "evaluate.limit=32")
+
+    report, exported = _exported(work / "out" / "phi3-tones")
+    assert report["config"]["export"]["adapters"] == "separate"
+    assert report["models"]["exported"]["model_kind"] == "onnx_base+adapter"
+    assert report["stages"]["export_adapter"]["cached"] is False
+    assert [p.name for p in exported.glob("*.onnx_adapter")] == ["train.onnx_adapter"]

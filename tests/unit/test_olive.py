@@ -596,3 +596,40 @@ def test_docs_olive_table_is_current():
     assert olive_reference() in (REPO / "docs" / "olive.md").read_text(), (
         "docs/olive.md's table is stale: regenerate it with slmflow.olive.olive_reference()"
     )
+
+
+# ---- ExtractAdapters: the adapter apart from the int4 base (export.adapters separate) ----------
+def _with_extract(**config) -> dict:
+    """The seed with Olive's multi-LoRA passes: LoRA, ModelBuilder, ExtractAdapters (no merge)."""
+    olive = asset("seed_full")
+    passes = {k: v for k, v in olive["passes"].items() if v["type"] != "MergeAdapterWeights"}
+    olive["passes"] = passes | {"extract": {"type": "ExtractAdapters", "config": config}}
+    return olive
+
+
+def test_extract_adapters_translates_to_separate_adapters(workdir):
+    out, notes = translate_olive(_with_extract(make_inputs=True, save_format="onnx_adapter",
+                                               dynamic_lora_r=False), "cfg")
+    assert out["export"]["adapters"] == "separate"
+    config = build_config(out, source="cfg")
+    assert config.export.adapters == "separate" and config.finetune.r == 64
+    assert any(n.olive_key == "passes.extract.type" and "export.adapters" in n.became for n in notes)
+
+
+@pytest.mark.parametrize(("config", "match"), [
+    ({"save_format": "numpy"}, (r"save_format: not supported: slmflow writes onnxruntime's "
+                                r"\.onnx_adapter files")),
+    ({"make_inputs": False}, (r"make_inputs: not supported: slmflow makes the LoRA weights "
+                              r"graph inputs")),
+])
+def test_extract_adapters_options_slmflow_cannot_honour_are_refused(workdir, config, match):
+    with pytest.raises(ConfigError, match=match):
+        translate_olive(_with_extract(**config), "cfg")
+
+
+def test_merging_and_extracting_the_adapter_is_refused(workdir):
+    olive = asset("seed_full")
+    olive["passes"]["extract"] = {"type": "ExtractAdapters"}
+    with pytest.raises(ConfigError, match=r"MergeAdapterWeights merges the adapter into the base "
+                                          r"and ExtractAdapters keeps it apart: keep one of them"):
+        translate_olive(olive, "cfg")

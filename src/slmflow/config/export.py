@@ -159,6 +159,16 @@ class ExportConfig(_Config):
         "may use, lowered so each thread's temporaries (~40 bytes a weight value, 65536 blocks "
         "a slice at most) fit in half the free memory. Not part of the stage key.",
     )
+    adapters: Literal["merged", "separate"] = Field(
+        "merged",
+        title="Adapters",
+        description="merged: the LoRA adapter is merged into the weights and the whole model "
+        "exported (one model per fine-tune). separate: one base build per (base model, recipe, "
+        "LoRA target modules and rank), shared by every fine-tune of that base, with fp32 LoRA "
+        "branches over the int4 base, and one .onnx_adapter file per fine-tune, switched at run "
+        "time with onnxruntime-genai's Adapters API (Olive's multi-LoRA). quantizer builder, no "
+        "sensitivity budget.",
+    )
 
     @model_validator(mode="after")
     def _quantizer_fits(self) -> ExportConfig:
@@ -171,6 +181,19 @@ class ExportConfig(_Config):
                 raise ValueError(f"export.quantizer={self.quantizer} quantizes every MatMul alike; "
                                  "drop export.matmul_mixed_precision and "
                                  "export.sensitivity.int8_budget, or use export.quantizer=builder")
+        if self.adapters == "separate":
+            if self.quantizer != "builder" or self.sensitivity.int8_budget:
+                raise ValueError("export.adapters=separate keeps the LoRA branches fp32 through the "
+                                 "model builder: set export.quantizer=builder and "
+                                 "export.sensitivity.int8_budget=0, or export.adapters=merged")
+            if self.recipe == "auto":
+                raise ValueError("export.recipe=auto searches merged exports; with "
+                                 "export.adapters=separate set export.recipe=manual (and the "
+                                 "recipe's precision/algo_config)")
+            if "adapter_path" in self.extra_options:
+                raise ValueError("export.extra_options: adapter_path is set by "
+                                 "export.adapters=separate (a zero adapter of the fine-tune's "
+                                 "shape); drop it from extra_options")
         if self.sensitivity.int8_budget and self.precision != "int4":
             raise ValueError("export.sensitivity.int8_budget keeps int4 MatMuls at int8: set "
                              "export.precision=int4 or the budget to 0")
@@ -220,6 +243,13 @@ class EvaluateConfig(_Config):
         description="The set the quality gate judges: eval (the eval split) or an extra set by "
         "its file name without the extension (e.g. tones_shifted).",
         min_length=1,
+    )
+    compare_merged_export: bool = Field(
+        False,
+        title="Compare with the merged export",
+        description="With export.adapters=separate: also export the merged model with the same "
+        "recipe and evaluate it on every set, reported beside the separate form (base + adapter) "
+        "as exported_merged. The quality gate judges the separate form (the published one).",
     )
     constrained: bool = Field(
         False,

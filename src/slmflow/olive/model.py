@@ -162,8 +162,10 @@ INPUT_MODEL = Table({
     "load_kwargs": Section(LOAD_KWARGS),
     "model_file_format": Noted("the registry model's file layout (e.g. PyTorch.MLflow): slmflow "
                                "uses the transformers folder (config.json, safetensors) inside it"),
-    "adapter_path": Refused("slmflow trains a new adapter on the base; merge an existing adapter "
-                            "into the base model first"),
+    "adapter_path": Refused("slmflow trains a new adapter on the base (an existing adapter is "
+                            "not taken as input yet); merge it into the base model first, or "
+                            "train with an ExtractAdapters pass (export.adapters separate) to "
+                            "ship adapters apart from one int4 base"),
     "io_config": Noted("the model builder derives the inputs and outputs from the model"),
     "generative": Noted("slmflow's models are generative"),
     "model_attributes": Refused("slmflow reads the model's attributes from its config.json"),

@@ -25,15 +25,17 @@ from slmflow.olive.data import DATA_CONFIG, data_config_named
 from slmflow.olive.model import DTYPE
 from slmflow.olive.systems import SYSTEM_REF
 
-KINDS = {"lora": "lora", "qlora": "qlora", "mergeadapterweights": "merge", "modelbuilder": "builder"}
+KINDS = {"lora": "lora", "qlora": "qlora", "mergeadapterweights": "merge", "modelbuilder": "builder",
+         "extractadapters": "extract"}
 REFUSED_PASSES = ("LoHa", "LoKr", "DoRA", "LoftQ", "OnnxConversion", "OnnxPeepholeOptimizer",
                   "OrtTransformersOptimization", "OnnxMatMul4Quantizer", "OnnxStaticQuantization",
                   "OnnxDynamicQuantization", "GptqQuantizer", "AutoAWQQuantizer", "QuaRot",
-                  "SliceGPT", "SparseGPT", "ExtractAdapters", "CaptureSplitInfo", "SplitModel",
+                  "SliceGPT", "SparseGPT", "CaptureSplitInfo", "SplitModel",
                   "OrtSessionParamsTuning", "IncQuantization", "OpenVINOConversion",
                   "QNNConversion", "GraphSurgeries", "OnnxFloatToFloat16", "MatMulNBitsToQDQ")
-PASS_TYPES = ("LoRA", "QLoRA", "MergeAdapterWeights", "ModelBuilder", *REFUSED_PASSES)
-ORDER = {"lora": 0, "qlora": 0, "merge": 1, "builder": 2}
+PASS_TYPES = ("LoRA", "QLoRA", "MergeAdapterWeights", "ModelBuilder", "ExtractAdapters",
+              *REFUSED_PASSES)
+ORDER = {"lora": 0, "qlora": 0, "merge": 1, "builder": 2, "extract": 3}
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 BUILDER_OPTION = str | bool | int | float
 
@@ -52,7 +54,8 @@ def handle_passes(t: Translator, value: Any, path: str, node: dict) -> None:
         kind = pass_kind(t, conf["type"], f"{ppath}.type")
         t.passes.append((kind, str(name), f"{ppath}.type", conf["type"]))
         t.pass_type = kind
-        t.walk(conf, {"lora": LORA, "qlora": LORA, "merge": MERGE, "builder": BUILDER}[kind], ppath)
+        t.walk(conf, {"lora": LORA, "qlora": LORA, "merge": MERGE, "builder": BUILDER,
+                      "extract": EXTRACT}[kind], ppath)
 
 
 def pass_kind(t: Translator, value: Any, path: str) -> str:
@@ -68,7 +71,9 @@ def pass_kind(t: Translator, value: Any, path: str) -> str:
 def handle_pass_type(t: Translator, value: Any, path: str, node: dict) -> None:
     became = {"lora": "fine-tuning (finetune.*)", "qlora": "fine-tuning (finetune.*)",
               "merge": "merge (into the full-precision base; merge.*)",
-              "builder": "export with onnxruntime-genai's model builder (export.*)"}
+              "builder": "export with onnxruntime-genai's model builder (export.*)",
+              "extract": "the adapter apart from the int4 base: export.adapters = \"separate\" "
+                         "(one .onnx_adapter file, switched with onnxruntime-genai's Adapters)"}
     t.note(path, value, became[t.pass_type])
 
 
@@ -89,7 +94,13 @@ def finish_passes(t: Translator) -> None:
     t.put("finetune.method", method, path)
     why = f" ({t.qlora_by} in a LoRA pass: QLoRA)" if kind == "lora" and t.qlora_by else ""
     t.extend(path, f"finetune.method = {show(method)}{why}")
-    if "merge" not in kinds:
+    if "extract" in kinds:
+        if "merge" in kinds:
+            raise t.error("passes", "MergeAdapterWeights merges the adapter into the base and "
+                                    "ExtractAdapters keeps it apart: keep one of them")
+        where = next(p for k, _, p, _ in t.passes if k == "extract")
+        t.put("export.adapters", "separate", where)
+    elif "merge" not in kinds:
         t.note("passes", names, "noted: no MergeAdapterWeights pass: slmflow merges the adapter "
                                 "into the base before exporting anyway")
     if "builder" not in kinds:
@@ -211,7 +222,8 @@ def joined(separator: str) -> Any:
 EVALUATOR = Refused("slmflow evaluates with its own metrics; remove evaluator")
 PASS = {
     "type": Special(handle_pass_type, "LoRA / QLoRA → `finetune.method` lora / qlora; "
-                    "MergeAdapterWeights → merge; ModelBuilder → export; other passes refused"),
+                    "MergeAdapterWeights → merge; ModelBuilder → export; ExtractAdapters → "
+                    "`export.adapters` separate; other passes refused"),
     "host": SYSTEM_REF,
     "evaluator": EVALUATOR,
     "disable_search": Noted("slmflow never searches"),
@@ -329,6 +341,18 @@ BUILDER_ONLY = {
     "exclude_lm_head": WHOLE_MODEL,
     "include_hidden_states": Refused("slmflow evaluates generated text", ok=(None, False)),
 }
+EXTRACT_ONLY = {
+    "make_inputs": Refused("slmflow makes the LoRA weights graph inputs (their zero initializers "
+                           "kept as defaults), as make_inputs true", ok=(None, True)),
+    "save_format": Refused("slmflow writes onnxruntime's .onnx_adapter files",
+                           ok=(None, "onnx_adapter")),
+    "dynamic_lora_r": Noted("slmflow's base build has one fixed rank (finetune.r); an adapter of "
+                            "another rank is refused naming both, and gets its own base build"),
+    "optional_inputs": Noted("the LoRA inputs are optional: without an adapter the base model "
+                             "runs as it is"),
+    "pack_inputs": Refused("slmflow keeps one input per LoRA weight", ok=(None, False)),
+}
 LORA = Table({**PASS, **LORA_ONLY}, wrapper="config")
+EXTRACT = Table({**PASS, **EXTRACT_ONLY}, wrapper="config")
 MERGE = Table(dict(PASS), wrapper="config")
 BUILDER = Table({**PASS, **BUILDER_ONLY}, wrapper="config")

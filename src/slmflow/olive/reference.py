@@ -14,7 +14,7 @@ from slmflow.olive.core import Map, Note, Noted, Refused, Section, Table, show
 from slmflow.olive.data import DATA_CONFIG, LOAD_DATASET, PRE_PROCESS
 from slmflow.olive.engine import ENGINE, TOP
 from slmflow.olive.model import HF_CONFIG, INPUT_MODEL, LOAD_KWARGS
-from slmflow.olive.passes import BUILDER_ONLY, LORA_ONLY, PASS, TRAINING_ARGS
+from slmflow.olive.passes import BUILDER_ONLY, EXTRACT_ONLY, LORA_ONLY, PASS, TRAINING_ARGS
 from slmflow.olive.systems import SYSTEM, check_runnable
 
 SECTIONS: list[tuple[Table, str]] = [  # the table's order: (keys, how they are written)
@@ -29,6 +29,7 @@ SECTIONS: list[tuple[Table, str]] = [  # the table's order: (keys, how they are 
     (Table(LORA_ONLY), "passes.NAME[.config].{} (LoRA, QLoRA)"),
     (TRAINING_ARGS, "passes.NAME[.config].training_args[.extra_args].{}"),
     (Table(BUILDER_ONLY), "passes.NAME[.config].{} (ModelBuilder)"),
+    (Table(EXTRACT_ONLY), "passes.NAME[.config].{} (ExtractAdapters)"),
     (SYSTEM, "systems.NAME[.config].{}"),
 ]
 

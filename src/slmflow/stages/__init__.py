@@ -5,7 +5,16 @@ runner and the Prefect task (`tasks/`) both read this table.
 """
 
 from slmflow.stage import Stage
-from slmflow.stages import base_model, evaluate, export, finetune, merge, prepare_data
+from slmflow.stages import (
+    base_model,
+    evaluate,
+    export,
+    export_separate,
+    finetune,
+    merge,
+    prepare_data,
+)
 
 STAGES: dict[str, Stage] = {m.STAGE.name: m.STAGE for m in (
-    base_model, prepare_data, finetune, merge, export, evaluate)}
+    base_model, prepare_data, finetune, merge, export, evaluate)} | {
+    s.name: s for s in (export_separate.BASE_STAGE, export_separate.ADAPTER_STAGE)}

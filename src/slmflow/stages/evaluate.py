@@ -71,7 +71,8 @@ def _percentile(values: list[float], q: float) -> float:
 
 def key_config(cfg: EvaluateConfig, labels: list[str], split: str, **_: Any) -> dict[str, Any]:
     """What an evaluation depends on: not the quality gate, which judges it afterwards."""
-    judged_after = {"max_accuracy_drop", "extra_files", "gate_set", "constrained"}
+    judged_after = {"max_accuracy_drop", "extra_files", "gate_set", "constrained",
+                    "compare_merged_export"}
     dumped = cfg.model_dump(mode="json", exclude=judged_after)
     if cfg.max_examples is None:  # the evaluations made before the sample existed keep their keys
         dumped.pop("max_examples")
@@ -101,14 +102,16 @@ def eval_rows(cfg: EvaluateConfig, data: ArtifactRef, split: str
 
 
 def build(cfg: EvaluateConfig, ws: Workspace, model: ArtifactRef, data: ArtifactRef,
-          labels: list[str], split: str, trust_remote_code: bool) -> dict[str, Any]:
-    """Evaluate one model (base_model, merged_model or onnx_model) on a prepared split."""
+          adapter: ArtifactRef | None, labels: list[str], split: str,
+          trust_remote_code: bool) -> dict[str, Any]:
+    """Evaluate one model (base_model, merged_model, onnx_model, or an onnx_base with a
+    fine-tune's onnx_adapter) on a prepared split."""
     from slmflow.constrained import constrained_predictions
     from slmflow.fidelity import wilson_interval
     from slmflow.generate import BATCH_SIZE, generate_answers, label_probabilities, load_backend
 
     rows, sample = eval_rows(cfg, data, split)
-    backend = load_backend(model, trust_remote_code)
+    backend = load_backend(model, trust_remote_code, adapter)
     tokenizer = backend.tokenizer
     longest = max(len(tokenizer(lab, add_special_tokens=False)["input_ids"]) for lab in labels)
     max_new = min(cfg.max_new_tokens, longest + 1)
@@ -152,13 +155,15 @@ def build(cfg: EvaluateConfig, ws: Workspace, model: ArtifactRef, data: Artifact
         tokens_per_second=round(n_tokens / max(seconds, 1e-9), 1),
         examples_per_second=round(len(gold) / max(seconds, 1e-9), 1),
         batch_size=BATCH_SIZE,
-        size_bytes=dir_size(backend.folder),
+        size_bytes=dir_size(backend.folder) + (adapter.meta["size_bytes"] if adapter else 0),
     )
     if sample is not None:
         metrics["sample"] = sample
+    if adapter is not None:  # the separate form: base + this adapter file
+        metrics.update(adapter_bytes=adapter.meta["size_bytes"], model_kind="onnx_base+adapter")
     (ws.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     sampled = f" (a sample of {sample['rows']} of {sample['of']} rows)" if sample else ""
-    ws.log(f"evaluate {model.kind} on {split}{sampled}: accuracy {metrics['accuracy']:.3f}, "
+    ws.log(f"evaluate {metrics['model_kind']} on {split}{sampled}: accuracy {metrics['accuracy']:.3f}, "
            f"macro-F1 {metrics['macro_f1']:.3f}, constrained accuracy "
            f"{metrics['accuracy_constrained']:.3f} ({constrained_by}), p50 {metrics['latency_ms_p50']} ms")
     return metrics
@@ -177,7 +182,8 @@ STAGE = Stage(
     # re-evaluated every model); 4: label probabilities per row and a Wilson interval;
     # 5: constrained answers (accuracy_constrained, pred_constrained)
     version=5,
-    inputs=("model", "data"),
+    inputs=("model", "data", "adapter"),
+    optional=("adapter",),  # left out of the key when absent: the other evaluations keep theirs
     options={"labels": REQUIRED, "split": "eval", "trust_remote_code": False},
     key_config=key_config,
     build=build,

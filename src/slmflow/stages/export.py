@@ -144,7 +144,7 @@ def key_config(cfg: ExportConfig) -> dict[str, Any]:
     # asked for by hand share one folder. The quantizer and sensitivity fields count only when
     # used, so the exports made before they existed keep their keys.
     # How many threads quantize changes no byte (builder_main), so it is no part of the key.
-    dumped = cfg.model_dump(mode="json", exclude={"recipe", "search", "quantize_workers"})
+    dumped = cfg.model_dump(mode="json", exclude={"recipe", "search", "quantize_workers", "adapters"})
     if cfg.quantizer == "builder":
         dumped.pop("quantizer")
     if cfg.quantizer != "gptq":
