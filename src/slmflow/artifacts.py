@@ -162,9 +162,15 @@ def hash_remembered(path: Path, record: Path, verify: bool | None = None) -> str
         files = {"": [*stat, digest]}
     else:
         digest, files = hash_folder(path, known, racy_after)
-    if files != known:
+    if files != known or _had_racy(files, racy_after):
         _write_record(record, digest, files)
     return digest
+
+
+def _had_racy(files: dict[str, list], racy_after: int) -> bool:
+    """A file was read again only for being racy: a new record (written now) makes it clean, or
+    it would be read on every use (a build's last file is always racy against its record)."""
+    return any(stat[1] >= racy_after for stat in files.values())
 
 
 def read_verified(folder: Path, verify: bool | None = None) -> ArtifactRef | None:
@@ -185,7 +191,7 @@ def read_verified(folder: Path, verify: bool | None = None) -> ArtifactRef | Non
     if digest != ref.sha256:
         fingerprint_path(folder).unlink(missing_ok=True)
         return None
-    if files != known:  # something was read again: remember what it looks like now
+    if files != known or _had_racy(files, racy_after):  # read again: remember it as it is now
         write_fingerprint(folder, digest, files)
     return ref.model_copy(update={"uri": str(folder.resolve())})
 

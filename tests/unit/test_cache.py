@@ -99,6 +99,24 @@ def test_cached_reuse_reads_no_file_while_the_fingerprint_matches(tmp_path, hash
     assert sorted(hashed) == ["w0.bin", "w1.bin", "w2.bin"]
 
 
+def test_a_file_racy_against_its_build_is_read_once_then_trusted(tmp_path, hashed, monkeypatch):
+    """A build's files are written just before its fingerprint, so they are racy against it: the
+    first reuse (more than 2 s later) reads them and records them anew; later ones read nothing.
+    (Before, the record stayed and the model was re-read on every cached run.)"""
+    from types import SimpleNamespace
+
+    store = Store.at(tmp_path)
+    ref = _build(store, "merged_model", "k1", files=2)
+    later = time.time_ns() + 3_000_000_000  # the first reuse, 3 s after the build
+    monkeypatch.setattr(artifacts, "time", SimpleNamespace(time_ns=lambda: later))
+    hashed.clear()
+    assert read_verified(ref.path) is not None
+    assert sorted(hashed) == ["w0.bin", "w1.bin"]  # racy: read again
+    hashed.clear()
+    assert read_verified(ref.path) is not None
+    assert hashed == []
+
+
 def test_only_the_changed_file_is_read_again_and_an_edit_is_caught(tmp_path, hashed):
     store = Store.at(tmp_path)
     ref = _build(store, "onnx_model", "k1", files=3)
