@@ -66,23 +66,30 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[idx]
 
 
-def key_config(cfg: EvaluateConfig, labels: list[str], split: str, **_: Any) -> dict[str, Any]:
-    """What an evaluation depends on: not the quality gate, which judges it afterwards."""
+def key_config(cfg: EvaluateConfig, labels: list[str], split: str,
+               quantization: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
+    """What an evaluation depends on: not the quality gate, which judges it afterwards. The
+    trained QLoRA model is also keyed by the 4-bit settings it is loaded with (other models'
+    keys stay as they were)."""
     judged_after = {"max_accuracy_drop", "extra_files", "gate_set", "constrained"}
-    return {"evaluate": cfg.model_dump(mode="json", exclude=judged_after),
-            "labels": labels, "split": split}
+    keyed = {"evaluate": cfg.model_dump(mode="json", exclude=judged_after),
+             "labels": labels, "split": split}
+    return keyed | ({"quantization": quantization} if quantization else {})
 
 
 def build(cfg: EvaluateConfig, ws: Workspace, model: ArtifactRef, data: ArtifactRef,
-          labels: list[str], split: str, trust_remote_code: bool) -> dict[str, Any]:
-    """Evaluate one model (base_model, merged_model or onnx_model) on a prepared split."""
+          labels: list[str], split: str, trust_remote_code: bool, base: ArtifactRef | None = None,
+          quantization: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate one model (base_model, merged_model or onnx_model) on a prepared split; an
+    adapter (with its `base` and the `quantization` it was trained with) is the QLoRA model as
+    trained: the 4-bit base with the adapter on top, through bitsandbytes."""
     from slmflow.constrained import constrained_predictions
     from slmflow.fidelity import wilson_interval
     from slmflow.folders import read_split
     from slmflow.generate import BATCH_SIZE, generate_answers, label_probabilities, load_backend
 
     rows = read_split(data, split)[: cfg.limit]
-    backend = load_backend(model, trust_remote_code)
+    backend = load_backend(model, trust_remote_code, base, quantization)
     tokenizer = backend.tokenizer
     longest = max(len(tokenizer(lab, add_special_tokens=False)["input_ids"]) for lab in labels)
     max_new = min(cfg.max_new_tokens, longest + 1)
@@ -116,7 +123,7 @@ def build(cfg: EvaluateConfig, ws: Workspace, model: ArtifactRef, data: Artifact
         tokens_per_second=round(n_tokens / max(seconds, 1e-9), 1),
         examples_per_second=round(len(rows) / max(seconds, 1e-9), 1),
         batch_size=BATCH_SIZE,
-        size_bytes=dir_size(backend.folder),
+        size_bytes=dir_size(backend.folder) if model.kind != "adapter" else None,  # not shipped
     )
     (ws.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     ws.log(f"evaluate {model.kind} on {split}: accuracy {metrics['accuracy']:.3f}, "
@@ -132,8 +139,9 @@ STAGE = Stage(
     # re-evaluated every model); 4: label probabilities per row and a Wilson interval;
     # 5: constrained answers (accuracy_constrained, pred_constrained)
     version=5,
-    inputs=("model", "data"),
-    options={"labels": REQUIRED, "split": "eval", "trust_remote_code": False},
+    inputs=("model", "data", "base"),
+    optional=("base",),  # the base an adapter (the trained QLoRA model) sits on
+    options={"labels": REQUIRED, "split": "eval", "trust_remote_code": False, "quantization": None},
     key_config=key_config,
     build=build,
 )
