@@ -6,10 +6,13 @@ with its peak memory (RSS and anonymous memory of the process, sampled every 0.1
 included) and seconds per step. `table`: the figures of finished runs (report.json) side by side:
 seconds per step of their fine-tune, accuracy of the trained (QLoRA: 4-bit base + adapter),
 merged and int4 models on every set, agreement of merged and int4 with the trained model, and the
-gate. Writes bench/results/qlora_*.json.
+gate. `merge-bases`: one QLoRA adapter merged into both bases, each against the trained model (the
+merge's logit check, then every eval row's label scores: agreement, label KL, constrained
+accuracy), without a whole run. Writes bench/results/qlora_*.json.
 
 Run as (the base model and data come from the stage cache, built first if missing):
     .venv/bin/python -m bench.qlora finetune [--steps 10] [--set key=value ...]
+    .venv/bin/python -m bench.qlora merge-bases --adapter CACHE/adapter/KEY [--rows N]
     .venv/bin/python -m bench.qlora table lora=runs/a qlora-original=runs/b qlora-dequantized=runs/c
 """
 
@@ -107,7 +110,9 @@ def summarize(report: dict) -> dict:
                        "exported_agreement_with_trained": _agree(s["fidelity"], "exported_vs_trained"),
                        "exported_agreement_with_merged": _agree(s["fidelity"], "exported_vs_merged")}
     return {"method": training.get("method"), "merge_base": merge.get("base_weights", "original"),
-            "seconds_per_step": round(training["train_seconds"] / training["steps"], 3),
+            # a resumed fine-tune's train_seconds cover the steps after its checkpoint only
+            "seconds_per_step": round(training["train_seconds"] / max(
+                1, training["steps"] - training.get("resumed_from_step", 0)), 3),
             "gate_passed": report["quality_gate"]["passed"],
             "gate_drop": report["quality_gate"]["drop"], "sets": sets,
             "merge_forms": merge.get("forms")}
@@ -136,6 +141,67 @@ def compare_runs(named: list[str]) -> None:
     write_result("qlora_table", results)
 
 
+def merge_bases(adapter_dir: Path, rows_limit: int | None, overrides: list[str]) -> None:
+    """Both merge bases of one QLoRA adapter against the trained model on the default data: the
+    merge stage's own logit check (both forms), then every eval row's label scores (the scoring of
+    the fidelity metrics and of constrained answers): top-label agreement with the trained model,
+    label KL(trained ‖ merged), constrained accuracy. Cheaper than a run: no generation, no export."""
+    from slmflow.artifacts import ArtifactRef
+    from slmflow.fidelity import kl_divergence
+    from slmflow.folders import model_dir, read_split
+    from slmflow.generate import label_probabilities, torch_backend, trained_backend
+    from slmflow.qlora import quantization_settings
+    from slmflow.stage import Workspace
+    from slmflow.stages import merge
+
+    config, base, data = _inputs(["finetune.method=qlora", *overrides])
+    quantization = quantization_settings(config.finetune)
+    adapter = ArtifactRef(kind="adapter", uri=str(adapter_dir), sha256="-", key="-")
+    labels = config.data.labels
+    rows = read_split(data, "eval")[:rows_limit]
+    before = load_average()
+    scores, metas = {}, {}
+    with tempfile.TemporaryDirectory(prefix="slmflow-bench-merge-") as tmp:
+        trained = trained_backend(model_dir(base), adapter_dir, quantization)
+        prompts = [trained.tokenizer(r["prompt"])["input_ids"] for r in rows]
+        scores["trained"] = label_probabilities(trained, prompts, labels)
+        del trained
+        for form in ("original", "dequantized"):
+            out = Path(tmp) / form
+            out.mkdir()
+            cfg = config.merge.model_copy(update={"base_weights": form, "check_prompts": 16})
+            metas[form] = merge.build(cfg, Workspace(out, Path(tmp) / f"work-{form}", log=print),
+                                      base=base, adapter=adapter, data=data, trust_remote_code=False,
+                                      quantization=quantization)
+            scores[form] = label_probabilities(torch_backend(out / "model"), prompts, labels)
+    gold = [r["label"] for r in rows]
+
+    def top(p: dict[str, float]) -> str:
+        return max(p, key=p.get)
+
+    table_rows, results = [], {"adapter": str(adapter_dir), "rows": len(rows), "load_average_before": before}
+    for who in ("trained", "original", "dequantized"):
+        got = scores[who]
+        entry = {"accuracy_constrained": round(sum(top(p) == g for p, g in zip(got, gold)) / len(rows), 4),
+                 "agreement_with_trained": round(sum(top(p) == top(t) for p, t in zip(got, scores["trained"]))
+                                                 / len(rows), 4),
+                 "label_kl_vs_trained": round(sum(kl_divergence(t, p) for p, t in zip(got, scores["trained"]))
+                                              / len(rows), 6)}
+        if who != "trained":
+            entry["logits_vs_trained"] = metas["dequantized"]["forms"][who]["vs_trained"]
+        results[who] = entry
+        lv = entry.get("logits_vs_trained", {})
+        table_rows.append([who if who == "trained" else f"merged into {who}", entry["accuracy_constrained"],
+                           entry["agreement_with_trained"], entry["label_kl_vs_trained"],
+                           lv.get("max_logit_diff", "-"), lv.get("top1_agreement", "-")])
+    results["load_average_after"] = load_average()
+    print(f"{len(rows)} eval rows, adapter {adapter_dir}; load average {before} before, "
+          f"{results['load_average_after']} after")
+    print(table(["model", "label acc", "label agreement w/ trained", "label KL vs trained",
+                 "max |logit diff| (16 prompts)", "same top token"], table_rows))
+    write_result("qlora_merge_bases", results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,11 +214,17 @@ def main() -> None:
     for p in (ft, one):
         p.add_argument("--set", dest="overrides", action="append", default=[],
                        help="config override, as slmflow run --set (default: the embedded run)")
+    mb = sub.add_parser("merge-bases", help="both merge bases of a QLoRA adapter vs the trained model")
+    mb.add_argument("--adapter", required=True, help="a QLoRA adapter folder (or a checkpoint of one)")
+    mb.add_argument("--rows", type=int, default=None, help="first N eval rows (default: all)")
+    mb.add_argument("--set", dest="overrides", action="append", default=[])
     tab = sub.add_parser("table", help="finished runs side by side")
     tab.add_argument("runs", nargs="+", help="NAME=RUN_DIR")
     args = parser.parse_args()
     if args.command == "finetune":
         finetune(args.steps, args.overrides)
+    elif args.command == "merge-bases":
+        merge_bases(Path(args.adapter), args.rows, args.overrides)
     elif args.command == "_one":
         one_finetune(args.method, args.steps, Path(args.out), args.overrides)
     else:

@@ -153,5 +153,6 @@ def test_lora_merge_keys_did_not_change_and_qlora_ones_name_the_base():
     cfg = MergeConfig()
     assert key_config(cfg) == {"dtype": "float32", "tolerance": 1e-3, "check_prompts": 4}
     auto = key_config(cfg, quantization=QUANT)
-    assert auto["base_weights"] == "dequantized" and auto["quantization"] == QUANT
-    assert key_config(MergeConfig(base_weights="original"), quantization=QUANT) != auto
+    assert auto["base_weights"] == "original" and auto["quantization"] == QUANT  # measured default
+    assert key_config(MergeConfig(base_weights="original"), quantization=QUANT) == auto
+    assert key_config(MergeConfig(base_weights="dequantized"), quantization=QUANT) != auto
