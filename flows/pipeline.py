@@ -28,6 +28,7 @@ from slmflow.errors import QualityGateError
 from slmflow.inputs import RunInputs
 from slmflow.manifest import build_manifest, publish_model
 from slmflow.preflight import fingerprint, validate_run
+from slmflow.qlora import quantization_settings
 from slmflow.report import build_report, write_report
 from slmflow.store import Store
 from slmflow.tracking import tracked
@@ -76,8 +77,9 @@ def run_stages(config: PipelineConfig, run: Runner, inputs: RunInputs, started: 
                  train_source=inputs.train_source, eval_source=inputs.eval_source,
                  loss_on=config.finetune.loss_on)
     adapter = stage("finetune", "finetune", config.finetune, base=base, data=data)
+    quantization = quantization_settings(config.finetune)  # None for LoRA
     merged = stage("merge", "merge", config.merge, base=base, adapter=adapter, data=data,
-                   trust_remote_code=config.model.trust_remote_code)
+                   trust_remote_code=config.model.trust_remote_code, quantization=quantization)
 
     sets, onnx, search, onnx_adapter = evaluate_and_export(config, inputs, stage, steps, base,
                                                            data, merged, adapter)
@@ -105,11 +107,16 @@ def run_stages(config: PipelineConfig, run: Runner, inputs: RunInputs, started: 
 
 def check_quality_gate(report: dict[str, Any], path: Path) -> None:
     """Fail the run (outputs and report kept) when the exported model lost too much accuracy."""
+    from slmflow.suggest import gate_hints
+
+    hints = gate_hints(report.get("config") or {}, (report.get("merge") or {}).get("base_weights"))
     search = report.get("export_search")
     if search is not None and search["chosen"] is None:
         from slmflow.recipes import failure_message
 
-        raise QualityGateError.for_report(path, f"{failure_message(search)}; see {path}")
+        merge_hint = [h for h in hints if h.startswith("merge.")]  # the search gave its own
+        raise QualityGateError.for_report(path, f"{failure_message(search)}"
+                                          + "".join(f"; or try {h}" for h in merge_hint) + f"; see {path}")
     gate = report["quality_gate"]
     if not gate["passed"]:
         noise = (f"; McNemar p = {gate['mcnemar_p']:.3f}, "
@@ -119,7 +126,7 @@ def check_quality_gate(report: dict[str, Any], path: Path) -> None:
             f"quality gate failed on {gate.get('set', 'eval')}: exported accuracy "
             f"{gate['exported_accuracy']:.4f} is {gate['drop']:.4f} below merged "
             f"{gate['merged_accuracy']:.4f} (allowed {gate['max_accuracy_drop']}){noise}; outputs "
-            f"kept, see {path}; try export.recipe=auto or a higher export.precision",
+            f"kept, see {path}; try " + " or ".join(hints),
         )
 
 
@@ -128,21 +135,22 @@ def evaluate_and_export(
     steps: Callable[..., list[ArtifactRef]], base: ArtifactRef, data: ArtifactRef,
     merged: ArtifactRef, adapter: ArtifactRef | None = None,
 ) -> tuple[dict[str, dict[str, ArtifactRef]], ArtifactRef, dict[str, Any] | None, ArtifactRef | None]:
-    """Base and merged evaluated on every set (the split, then each of evaluate.extra_files,
-    prepared with its own key), the export (or the recipe search, judged on the validation split
-    when the data has one, else on the gate's set), then the exported model on every set;
-    (sets, the export, the search, the adapter file's stage with export.adapters=separate).
+    """Base and merged (and, after QLoRA, the trained model: the 4-bit base with the adapter)
+    evaluated on every set (the split, then each of evaluate.extra_files, prepared with its own
+    key), the export (or the recipe search, judged on the validation split when the data has
+    one, else on the gate's set), then the exported model on every set; (sets, the export, the
+    search, the adapter file's stage with export.adapters=separate).
 
     Separate form: the exported model is the shared base build with this fine-tune's adapter
     file; with evaluate.compare_merged_export the merged export is evaluated beside it
     (`exported_merged`)."""
 
     def evaluate(model: ArtifactRef, label: str, on: ArtifactRef = data,
-                 with_adapter: ArtifactRef | None = None, **split: str) -> ArtifactRef:
+                 with_adapter: ArtifactRef | None = None, **named: Any) -> ArtifactRef:
         extra = {"adapter": with_adapter} if with_adapter is not None else {}
         return stage(label, "evaluate", config.evaluate, model=model, data=on,
                      labels=config.data.labels, trust_remote_code=config.model.trust_remote_code,
-                     **extra, **split)
+                     **extra, **named)
 
     def label(who: str, name: str) -> str:
         return f"evaluate_{who}" if name == "eval" else f"evaluate_{who}[{name}]"
@@ -155,6 +163,11 @@ def evaluate_and_export(
     sets = {name: {who: evaluate(model, label(who, name), on)
                    for who, model in (("base", base), ("merged", merged))}
             for name, on in prepared.items()}
+    quantization = quantization_settings(config.finetune)
+    if quantization is not None and adapter is not None:  # QLoRA: the model as trained
+        for name, on in prepared.items():
+            sets[name]["trained"] = evaluate(adapter, label("trained", name), on, base=base,
+                                             quantization=quantization)
     gate, search, onnx_adapter = config.evaluate.gate_set, None, None
     if config.export.adapters == "separate":
         onnx, onnx_adapter = export_separate(config, steps, base, adapter, data)

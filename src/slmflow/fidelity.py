@@ -96,8 +96,11 @@ def read_predictions(evaluation: Any) -> list[dict[str, Any]]:
 
 def summarize_set(evaluations: dict[str, Any]) -> dict[str, Any]:
     """One eval set of a run: each model's metrics, and the exported and base models' fidelity
-    to the merged one (the model the fine-tune made)."""
+    to the merged one; after QLoRA also the merged and exported models' fidelity to the trained
+    one (the 4-bit base with the adapter: the model the fine-tune made)."""
     rows = {name: read_predictions(ref) for name, ref in evaluations.items()}
-    fidelity = {f"{who}_vs_merged": compare(rows["merged"], rows[who])
-                for who in ("exported", "exported_merged", "base") if who in rows and "merged" in rows}
+    pairs = [(who, "merged") for who in ("exported", "exported_merged", "base")]
+    pairs += [(who, "trained") for who in ("merged", "exported")]
+    fidelity = {f"{who}_vs_{ref}": compare(rows[ref], rows[who])
+                for who, ref in pairs if who in rows and ref in rows}
     return {"models": {name: ref.meta for name, ref in evaluations.items()}, "fidelity": fidelity}

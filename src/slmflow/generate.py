@@ -76,13 +76,32 @@ def _log_softmax(logits: Any) -> Any:
 def torch_backend(folder: Path, trust_remote_code: bool = False) -> Backend:
     """A transformers model (fp32, CPU or CUDA): batched greedy answers, teacher-forced labels."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
     ).to(device)
+    return _module_backend(model, folder, folder, device)
+
+
+def trained_backend(folder: Path, adapter: Path, quantization: dict[str, Any],
+                    trust_remote_code: bool = False) -> Backend:
+    """A QLoRA model as trained: the 4-bit base (bitsandbytes) with its adapter, unmerged."""
+    import torch
+
+    from slmflow.qlora import load_trained
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_trained(folder, adapter, quantization, device, trust_remote_code)
+    return _module_backend(model, folder, adapter, device)
+
+
+def _module_backend(model: Any, tokenizer_folder: Path, folder: Path, device: str) -> Backend:
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     model.eval()
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -228,9 +247,11 @@ def _guided(generate: Callable[..., list[list[int]]]) -> Callable[[list[list[int
 
 
 def load_backend(model: ArtifactRef, trust_remote_code: bool = False,
-                 adapter: ArtifactRef | None = None) -> Backend:
-    """The backend of a base/merged model folder (PyTorch), an exported one, or an exported base
-    with a fine-tune's adapter file (onnxruntime-genai)."""
+                 adapter: ArtifactRef | None = None, base: ArtifactRef | None = None,
+                 quantization: dict[str, Any] | None = None) -> Backend:
+    """The backend of a base/merged model folder (PyTorch), an exported one, an exported base
+    with a fine-tune's adapter file (onnxruntime-genai), or a QLoRA adapter on its 4-bit `base`
+    (the model as trained)."""
     from slmflow.folders import model_dir
 
     if model.kind == "onnx_model":
@@ -239,6 +260,11 @@ def load_backend(model: ArtifactRef, trust_remote_code: bool = False,
         from slmflow.stages.export_separate import ADAPTER_FILE
 
         return onnx_backend(model.path, adapter.path / ADAPTER_FILE if adapter else None)
+    if model.kind == "adapter":
+        if base is None or quantization is None:
+            raise ValueError("an adapter is evaluated on its base with the 4-bit settings it was "
+                             "trained with (base=, quantization=)")
+        return trained_backend(model_dir(base), model.path, quantization, trust_remote_code)
     return torch_backend(model_dir(model), trust_remote_code)
 
 

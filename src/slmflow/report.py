@@ -11,7 +11,8 @@ from typing import Any
 from slmflow.artifacts import write_atomic
 from slmflow.recipes import gate_passed, recipe_table, search_svg
 
-MODEL_ROWS = (("base", "Base"), ("merged", "Merged (PyTorch fp32)"), ("exported", "Exported (ONNX)"),
+MODEL_ROWS = (("base", "Base"), ("trained", "Trained (4-bit base + adapter)"),
+              ("merged", "Merged (PyTorch fp32)"), ("exported", "Exported (ONNX)"),
               ("exported_merged", "Exported, adapter merged (ONNX)"))
 
 
@@ -94,7 +95,7 @@ def model_table(models: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             "p50_ms": m["latency_ms_p50"],
             "p95_ms": m["latency_ms_p95"],
             "tokens_per_s": m["tokens_per_second"],
-            "size_mb": round(m["size_bytes"] / 1e6, 1),
+            "size_mb": round(m["size_bytes"] / 1e6, 1) if m.get("size_bytes") is not None else "-",
             # evaluate.max_examples: say the rows are a sample, and of how many
             "n": f"{m['n']} of {m['sample']['of']} (sample)" if m.get("sample") else m["n"],
         })
@@ -206,9 +207,37 @@ def render_markdown(report: dict[str, Any], inline_images: bool = False) -> str:
         f"tokens/s; world size {report['training'].get('world_size', 1)}, global batch "
         f"{report['training'].get('global_batch', '?')} (batch_size × gradient_accumulation_steps "
         "× world size).\n\n" + loss),
-        f"## Merge\n\nmax |logit diff| merged vs base+adapter: {report['merge'].get('max_logit_diff')}",
+        _merge_section(report["merge"]),
         "## Stages\n\n" + _md_table(stage_table(report["stages"])),
     ]) + "\n"
+
+
+def _merge_section(merge: dict[str, Any]) -> str:
+    forms = merge.get("forms")
+    if not forms:
+        return f"## Merge\n\nmax |logit diff| merged vs base+adapter: {merge.get('max_logit_diff')}"
+    rows = [{"merged into": form + (" (written)" if form == merge.get("base_weights") else ""),
+             "max_logit_diff_vs_trained": _num(f["vs_trained"]["max_logit_diff"], 6),
+             "mean_logit_diff_vs_trained": _num(f["vs_trained"]["mean_logit_diff"], 6),
+             "same_top_token": _num(f["vs_trained"]["top1_agreement"]),
+             "merge_exactness": _num(f["merge_exactness"], 8)} for form, f in forms.items()]
+    return ("## Merge\n\nQLoRA: both full-precision bases with the adapter merged, against the "
+            "trained model (4-bit base + adapter) on the check prompts' logits (merge_exactness: "
+            "merged vs the same base with the adapter unmerged).\n\n" + _md_table(rows))
+
+
+def trained_fidelity_table(sets: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per eval set (QLoRA): how the merged and exported models answer against the trained one."""
+    rows = []
+    for name, summary in sets.items():
+        for who in ("merged", "exported"):
+            fid = summary["fidelity"].get(f"{who}_vs_trained")
+            if fid:
+                rows.append({"set": name, "model": who, "rows": fid["rows"],
+                             "agreement": round(fid["agreement"], 4),
+                             "label_kl_mean": _num(fid["label_kl_mean"], 5),
+                             "mcnemar_p": round(fid["mcnemar_p"], 4)})
+    return rows
 
 
 def build_report(
@@ -295,6 +324,11 @@ def _fidelity_section(report: dict[str, Any]) -> list[str]:
              "teacher-forced after the prompt, summed log-probabilities, normalized over the "
              "labels). McNemar p: exact test on the rows only one of them gets right (p ≥ 0.05: "
              "the accuracy difference is within noise).\n\n" + _md_table(fidelity_table(sets))]
+    trained = trained_fidelity_table(sets)
+    if trained:
+        parts.append("## Fidelity to the trained model (QLoRA)\n\nThe trained model is the "
+                     "4-bit base with the adapter, as the fine-tune computed it; label KL is "
+                     "KL(trained ‖ model).\n\n" + _md_table(trained))
     for name, summary in sets.items():
         if name != "eval" and summary["models"]:
             parts.append(f"### Models on {name}\n\n" + _md_table(model_table(summary["models"])))

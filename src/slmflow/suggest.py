@@ -27,3 +27,29 @@ def nearest_key(name: str, valid: list[str]) -> str | None:
     if close:
         return close[0]
     return next((v for v in valid if name.endswith("_" + v) or name.startswith(v + "_")), None)
+
+
+def gate_hints(config: dict, merged_into: str | None = None) -> list[str]:
+    """What to try after a failed quality gate, given what the run configured (its config as
+    report.json keeps it): never the setting already in use. `merged_into`: the base the merge
+    used (the report's merge.base_weights, auto resolved)."""
+    export, evaluate = config.get("export", {}), config.get("evaluate", {})
+    hints = []
+    if export.get("recipe") != "auto":
+        hints.append("export.recipe=auto (exports every candidate recipe, keeps the smallest "
+                     "within the gate)")
+        higher = {"int4": "int8", "int8": "fp16"}.get(export.get("precision", ""))
+        if higher:
+            hints.append(f"export.precision={higher}")
+    elif "int8" not in (export.get("search") or {}).get("candidates", ["int8"]):
+        hints.append("int8 in export.search.candidates")
+    if config.get("finetune", {}).get("method") == "qlora":
+        other = {"original": "dequantized", "dequantized": "original"}.get(
+            merged_into or config.get("merge", {}).get("base_weights", ""))
+        if other:
+            hints.append(f"merge.base_weights={other} (the other base the QLoRA adapter can be "
+                         "merged into: the merge's report gives both forms' distance to the "
+                         "trained model)")
+    drop = evaluate.get("max_accuracy_drop")
+    hints.append("a larger evaluate.max_accuracy_drop" + (f" (now {drop})" if drop is not None else ""))
+    return hints

@@ -136,3 +136,64 @@ def test_the_gate_judges_constrained_answers_only_when_told(tmp_path):
     assert (constrained["answers"], constrained["passed"]) == ("constrained", True)
     rows = {r["model"]: r for r in model_table(report(True)["models"])}
     assert rows["Exported (ONNX)"]["accuracy_constrained"] == 1.0
+
+
+def test_a_failed_gate_on_k_quant_mixed_suggests_something_else(tmp_path):
+    """The issue's case: a run already on k_quant_mixed was told to try k_quant_mixed."""
+    import pytest
+
+    from flows.pipeline import check_quality_gate
+    from slmflow.errors import QualityGateError
+
+    report = _report(tmp_path, 1, 0)
+    report["config"]["export"]["algo_config"] = "k_quant_mixed"
+    with pytest.raises(QualityGateError) as failed:
+        check_quality_gate(report, tmp_path / "report.json")
+    hint = str(failed.value).split("; try ", 1)[1]
+    assert "k_quant_mixed" not in hint
+    assert hint == ("export.recipe=auto (exports every candidate recipe, keeps the smallest within "
+                    "the gate) or export.precision=int8 or a larger evaluate.max_accuracy_drop "
+                    "(now 0.02)")
+
+
+def test_gate_hints_never_name_what_is_in_use():
+    from slmflow.suggest import gate_hints
+
+    auto = PipelineConfig(export={"recipe": "auto"}).model_dump(mode="json")
+    assert [h.split(" ")[0] for h in gate_hints(auto)] == ["a"]  # only a larger drop is left
+    auto["export"]["search"]["candidates"] = ["int4_k_quant"]
+    assert gate_hints(auto)[0] == "int8 in export.search.candidates"
+    int8 = PipelineConfig(export={"precision": "int8"}).model_dump(mode="json")
+    assert "export.precision=fp16" in gate_hints(int8) and "export.precision=int8" not in gate_hints(int8)
+    qlora = PipelineConfig(finetune={"method": "qlora"}).model_dump(mode="json")
+    # for QLoRA, the other merge base than the one the merge used (auto resolved by the merge)
+    assert any(h.startswith("merge.base_weights=original") for h in gate_hints(qlora, "dequantized"))
+    assert any(h.startswith("merge.base_weights=dequantized") for h in gate_hints(qlora, "original"))
+    lora = PipelineConfig().model_dump(mode="json")
+    assert not any(h.startswith("merge.") for h in gate_hints(lora, "original"))
+
+
+def test_a_qlora_report_judges_merged_and_exported_against_the_trained_model(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "train_log.json").write_text(json.dumps([{"step": 1, "loss": 1.0}]))
+    config = PipelineConfig(finetune={"method": "qlora"}, evaluate={"extra_files": []},
+                            output_dir=str(tmp_path / "out"))
+    trained = _evaluation(tmp_path / "t", 1)
+    trained.meta["size_bytes"] = None  # not a shipped model
+    evals = {"base": _evaluation(tmp_path / "b", 0), "trained": trained,
+             "merged": _evaluation(tmp_path / "m", 1), "exported": _evaluation(tmp_path / "e", 0)}
+    forms = {f: {"merge_exactness": 1e-6, "vs_trained": {"max_logit_diff": d, "mean_logit_diff": d / 10,
+                                                          "top1_agreement": a}}
+             for f, d, a in (("original", 2.5, 0.9), ("dequantized", 1e-5, 1.0))}
+    merge = {"max_logit_diff": 1e-6, "base_weights": "dequantized", "forms": forms}
+    report = build_report(config, _ref("dataset", "d", {}), _ref("adapter", tmp_path / "adapter", {}),
+                          _ref("merged_model", "m", merge), _ref("onnx_model", "o", {}), {"eval": evals},
+                          {}, 1.0)
+    fid = report["sets"]["eval"]["fidelity"]
+    assert fid["merged_vs_trained"]["agreement"] == 1.0 and fid["exported_vs_trained"]["agreement"] == 0.5
+    write_report(report, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| Trained (4-bit base + adapter) | 1.0 |" in md and "| 2 |" in md
+    assert "## Fidelity to the trained model (QLoRA)" in md
+    assert "| eval | exported | 2 | 0.5 |" in md
+    assert "| dequantized (written) | 1e-05 |" in md and "| original | 2.5 |" in md

@@ -109,6 +109,16 @@ class PipelineConfig(_Config):
                              f"choose eval{''.join(', ' + n for n in names)}")
         return self
 
+    @model_validator(mode="after")
+    def _merge_base_fits_method(self) -> PipelineConfig:
+        if self.merge.base_weights == "dequantized" and self.finetune.method != "qlora":
+            raise ValueError(
+                "merge.base_weights: dequantized needs finetune.method=qlora (a LoRA adapter was "
+                "trained on the original weights, there is nothing to dequantize); use auto or "
+                "original"
+            )
+        return self
+
     @field_validator("cache_remote")
     @classmethod
     def _remote_shape(cls, uri: str | None) -> str | None:

@@ -69,15 +69,19 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[idx]
 
 
-def key_config(cfg: EvaluateConfig, labels: list[str], split: str, **_: Any) -> dict[str, Any]:
-    """What an evaluation depends on: not the quality gate, which judges it afterwards."""
+def key_config(cfg: EvaluateConfig, labels: list[str], split: str,
+               quantization: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
+    """What an evaluation depends on: not the quality gate, which judges it afterwards. The
+    trained QLoRA model is also keyed by the 4-bit settings it is loaded with (other models'
+    keys stay as they were)."""
     judged_after = {"max_accuracy_drop", "extra_files", "gate_set", "constrained",
                     "compare_merged_export"}
     dumped = cfg.model_dump(mode="json", exclude=judged_after)
     if cfg.max_examples is None:  # the evaluations made before the sample existed keep their keys
         dumped.pop("max_examples")
         dumped.pop("sample_seed")
-    return {"evaluate": dumped, "labels": labels, "split": split}
+    keyed = {"evaluate": dumped, "labels": labels, "split": split}
+    return keyed | ({"quantization": quantization} if quantization else {})
 
 
 # Rows evaluated at a time: a large set is read and answered in chunks, never held whole (the
@@ -102,16 +106,20 @@ def eval_rows(cfg: EvaluateConfig, data: ArtifactRef, split: str
 
 
 def build(cfg: EvaluateConfig, ws: Workspace, model: ArtifactRef, data: ArtifactRef,
-          adapter: ArtifactRef | None, labels: list[str], split: str,
-          trust_remote_code: bool) -> dict[str, Any]:
+          labels: list[str], split: str, trust_remote_code: bool,
+          adapter: ArtifactRef | None = None, base: ArtifactRef | None = None,
+          quantization: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate one model (base_model, merged_model, onnx_model, or an onnx_base with a
-    fine-tune's onnx_adapter) on a prepared split."""
+    fine-tune's onnx_adapter) on a prepared split; an adapter (with its `base` and the
+    `quantization` it was trained with) is the QLoRA model as trained: the 4-bit base with the
+    adapter on top, through bitsandbytes."""
     from slmflow.constrained import constrained_predictions
     from slmflow.fidelity import wilson_interval
     from slmflow.generate import BATCH_SIZE, generate_answers, label_probabilities, load_backend
 
     rows, sample = eval_rows(cfg, data, split)
-    backend = load_backend(model, trust_remote_code, adapter)
+    backend = load_backend(model, trust_remote_code, adapter=adapter, base=base,
+                           quantization=quantization)
     tokenizer = backend.tokenizer
     longest = max(len(tokenizer(lab, add_special_tokens=False)["input_ids"]) for lab in labels)
     max_new = min(cfg.max_new_tokens, longest + 1)
@@ -155,7 +163,9 @@ def build(cfg: EvaluateConfig, ws: Workspace, model: ArtifactRef, data: Artifact
         tokens_per_second=round(n_tokens / max(seconds, 1e-9), 1),
         examples_per_second=round(len(gold) / max(seconds, 1e-9), 1),
         batch_size=BATCH_SIZE,
-        size_bytes=dir_size(backend.folder) + (adapter.meta["size_bytes"] if adapter else 0),
+        # the trained QLoRA model is not shipped: no size; the separate form adds its adapter file
+        size_bytes=(None if model.kind == "adapter" else
+                    dir_size(backend.folder) + (adapter.meta["size_bytes"] if adapter else 0)),
     )
     if sample is not None:
         metrics["sample"] = sample
@@ -182,9 +192,12 @@ STAGE = Stage(
     # re-evaluated every model); 4: label probabilities per row and a Wilson interval;
     # 5: constrained answers (accuracy_constrained, pred_constrained)
     version=5,
-    inputs=("model", "data", "adapter"),
-    optional=("adapter",),  # left out of the key when absent: the other evaluations keep theirs
-    options={"labels": REQUIRED, "split": "eval", "trust_remote_code": False},
+    inputs=("model", "data", "adapter", "base"),
+    # left out of the key when absent: the other evaluations keep theirs. adapter: an onnx_base's
+    # adapter file (export.adapters=separate); base: the base a QLoRA adapter (the model as
+    # trained) sits on
+    optional=("adapter", "base"),
+    options={"labels": REQUIRED, "split": "eval", "trust_remote_code": False, "quantization": None},
     key_config=key_config,
     build=build,
 )

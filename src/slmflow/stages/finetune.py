@@ -51,15 +51,10 @@ def load_for_training(cfg: FinetuneConfig, folder: Path, device: str):
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": True}
-    if cfg.method == "qlora":
-        from transformers import BitsAndBytesConfig
+    if cfg.method == "qlora":  # the merge and the "trained" evaluation load it the same way
+        from slmflow.qlora import bnb_config, quantization_settings
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=cfg.quant_type,
-            bnb_4bit_use_double_quant=cfg.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype),
-        )
+        kwargs["quantization_config"] = bnb_config(quantization_settings(cfg))
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if cfg.method == "qlora":
