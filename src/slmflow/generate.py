@@ -257,7 +257,7 @@ def load_backend(model: ArtifactRef, trust_remote_code: bool = False,
     if model.kind == "onnx_model":
         return onnx_backend(model.path)
     if model.kind == "onnx_base":
-        from slmflow.stages.export_separate import ADAPTER_FILE
+        from slmflow.onnx_adapters import ADAPTER_FILE
 
         return onnx_backend(model.path, adapter.path / ADAPTER_FILE if adapter else None)
     if model.kind == "adapter":

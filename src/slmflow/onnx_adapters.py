@@ -27,6 +27,8 @@ from typing import Any
 from slmflow.errors import StageCheckError
 
 ADAPTER_SUFFIX = ".onnx_adapter"
+# The adapter file of an export_adapter entry (in its folder; here so generate needs no stage).
+ADAPTER_FILE = "adapter" + ADAPTER_SUFFIX
 ADAPTERS_FILE = "slmflow_adapters.json"  # in a separate-form folder: the base's LoRA shape, adapters
 # The builder's projections for each PEFT target module it can carry a LoRA branch on.
 BUILDER_PROJECTIONS: dict[str, tuple[str, ...]] = {

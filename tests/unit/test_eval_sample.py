@@ -113,7 +113,7 @@ def _evaluate(monkeypatch, tmp_path: Path, name: str, cfg: EvaluateConfig, data:
     out = tmp_path / name
     out.mkdir()
     backend = _Backend(tmp_path)
-    monkeypatch.setattr("slmflow.generate.load_backend", lambda model, trust: backend)
+    monkeypatch.setattr("slmflow.generate.load_backend", lambda model, trust, **_: backend)
     model = ArtifactRef(kind="merged_model", uri=str(tmp_path), sha256="1" * 64, key="m")
     ws = SimpleNamespace(out=out, log=lambda m: None)
     metrics = evaluate.build(cfg, ws, model, data, LABELS, "eval", False)

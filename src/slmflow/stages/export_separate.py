@@ -22,7 +22,7 @@ from slmflow.errors import StageCheckError
 from slmflow.stage import REQUIRED, Stage, Workspace
 from slmflow.stages import export
 
-ADAPTER_FILE = "adapter" + oa.ADAPTER_SUFFIX
+ADAPTER_FILE = oa.ADAPTER_FILE
 SMOKE_PROMPT = "Hello"  # the base build has no data of its own: any text proves it generates
 
 
