@@ -69,9 +69,11 @@ def report_metrics(report: dict[str, Any]) -> dict[str, float]:
         for who, figures in summary.get("models", {}).items():
             for name in MODEL_METRICS:
                 put(metric_key(set_name, who, name), figures.get(name))
-        fidelity = summary.get("fidelity", {}).get("exported_vs_merged") or {}
-        for name in FIDELITY_METRICS:
-            put(metric_key(set_name, "exported_vs_merged", name), fidelity.get(name))
+        # every pair the report has: exported_vs_merged, and after QLoRA *_vs_trained, with
+        # the separate form exported_merged_vs_merged
+        for pair, fidelity in summary.get("fidelity", {}).items():
+            for name in FIDELITY_METRICS:
+                put(metric_key(set_name, pair, name), (fidelity or {}).get(name))
     gate = report.get("quality_gate", {})
     put("quality_gate/passed", gate.get("passed"))
     put("quality_gate/drop", gate.get("drop"))

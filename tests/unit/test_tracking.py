@@ -167,7 +167,8 @@ def test_metric_names_and_summary_metrics_from_a_report():
         "sets": {"eval": {"models": {"exported": {"accuracy": 0.5, "macro_f1": 0.4,
                                                    "latency_ms_p50": 12.0, "size_bytes": 100,
                                                    "confusion": {}}},
-                          "fidelity": {"exported_vs_merged": {"agreement": 0.9, "label_kl_mean": None}}}},
+                          "fidelity": {"exported_vs_merged": {"agreement": 0.9, "label_kl_mean": None},
+                                       "merged_vs_trained": {"agreement": 0.8}}}},
         "quality_gate": {"passed": False, "drop": 0.1},
         "training": {"final_loss": 1.5, "steps": 4, "loss_curve": [{"step": 1, "loss": 2.0}]},
         "stages": {"export[k_quant]": {"seconds": 3.5, "cached": True}},
@@ -176,7 +177,8 @@ def test_metric_names_and_summary_metrics_from_a_report():
     assert report_metrics(report) == {
         "eval/exported/accuracy": 0.5, "eval/exported/macro_f1": 0.4,
         "eval/exported/latency_ms_p50": 12.0, "eval/exported/size_bytes": 100.0,
-        "eval/exported_vs_merged/agreement": 0.9, "quality_gate/passed": 0.0,
+        "eval/exported_vs_merged/agreement": 0.9, "eval/merged_vs_trained/agreement": 0.8,
+        "quality_gate/passed": 0.0,
         "quality_gate/drop": 0.1, "train/final_loss": 1.5, "train/steps": 4.0,
         "stage/export:k_quant/seconds": 3.5, "stage/export:k_quant/cached": 1.0,
         "total_seconds": 9.0}
