@@ -76,7 +76,12 @@ def run_stages(config: PipelineConfig, run: Runner, inputs: RunInputs, started: 
     data = stage("prepare_data", "prepare_data", config.data, base=base,
                  train_source=inputs.train_source, eval_source=inputs.eval_source,
                  loss_on=config.finetune.loss_on)
-    adapter = stage("finetune", "finetune", config.finetune, base=base, data=data)
+    if inputs.adapter_source is None:
+        adapter = stage("finetune", "finetune", config.finetune, base=base, data=data)
+    else:  # finetune.adapter_path: the given adapter stands in for the fine-tune's, untrained
+        # (placed with the base model: both read an input on this machine)
+        [adapter] = steps(Step("given_adapter", "finetune", config.finetune,
+                               {"base": base, "source": inputs.adapter_source}, where="base_model"))
     quantization = quantization_settings(config.finetune)  # None for LoRA
     merged = stage("merge", "merge", config.merge, base=base, adapter=adapter, data=data,
                    trust_remote_code=config.model.trust_remote_code, quantization=quantization)
@@ -88,7 +93,7 @@ def run_stages(config: PipelineConfig, run: Runner, inputs: RunInputs, started: 
     if onnx_adapter is not None:
         refs["export_adapter"] = onnx_adapter
     sources = {"model_source": inputs.model_source, "train_source": inputs.train_source,
-               "eval_source": inputs.eval_source,
+               "eval_source": inputs.eval_source, "adapter_source": inputs.adapter_source,
                **{f"extra_eval[{name}]": ref for name, ref in inputs.extra_sources.items()}}
     manifest = build_manifest(config, sources, refs)
     if onnx_adapter is None:
@@ -96,7 +101,8 @@ def run_stages(config: PipelineConfig, run: Runner, inputs: RunInputs, started: 
     else:  # the base, this fine-tune's adapter file, and what it was trained on
         from slmflow.bundle import publish_separate, run_entry
 
-        model_dir = publish_separate(onnx, [run_entry(config, onnx_adapter, data)], out_dir, manifest)
+        entry = run_entry(config, onnx_adapter, data, manifest["inputs"])
+        model_dir = publish_separate(onnx, [entry], out_dir, manifest)
     used = [t["uri"] for t in timings.values()]
     record_use(store.root, out_dir, used, onnx.uri)  # cache ls
     report = build_report(config, data, adapter, merged, onnx, sets, timings,

@@ -33,12 +33,14 @@ def task_name(config: Any) -> str:
     return Path(str(cfg["data"]["train_file"]).split(":", 1)[-1]).name.split(".", 1)[0] or "adapter"
 
 
-def run_entry(config: Any, onnx_adapter: ArtifactRef, data: ArtifactRef) -> dict[str, Any]:
-    """What a folder records of one fine-tune's adapter: its file, base version, card and data."""
+def run_entry(config: Any, onnx_adapter: ArtifactRef, data: ArtifactRef,
+              inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a folder records of one fine-tune's adapter: its file, base version, card and data
+    (`inputs`, the manifest's: a given adapter's sha256 for the card)."""
     from slmflow.modelcard import build_card
 
     cfg = config if isinstance(config, dict) else config.model_dump(mode="json")
-    card = build_card(cfg)
+    card = build_card(cfg, inputs)
     card.pop("adapters", None)
     return {
         "name": task_name(cfg),

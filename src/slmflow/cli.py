@@ -210,7 +210,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"olive: {note}", file=sys.stderr, flush=True)
     if args.command == "validate":
         print(f"ok: model {inputs.model_source.uri}, {inputs.train_rows} training rows"
-              + (f", {inputs.eval_rows} eval rows" if inputs.eval_rows else ""))
+              + (f", {inputs.eval_rows} eval rows" if inputs.eval_rows else "")
+              + (f", given adapter {inputs.adapter_source.uri} (nothing to train)"
+                 if inputs.adapter_source else ""))
         return 0
     if args.no_prefect:
         from flows.pipeline import run_pipeline, run_plain

@@ -67,6 +67,8 @@ class RunInputs(BaseModel):
     model_source: ArtifactRef
     train_source: ArtifactRef
     eval_source: ArtifactRef | None = None
+    adapter_source: ArtifactRef | None = Field(
+        None, description="The given adapter's folder (finetune.adapter_path), keyed by content.")
     extra_sources: dict[str, ArtifactRef] = Field(
         default_factory=dict, description="Extra eval sets by name (evaluate.extra_files).")
     model_facts: dict[str, Any] | None = Field(

@@ -82,7 +82,7 @@ def publish_model(exported: ArtifactRef, out_dir: Path, manifest: dict) -> Path:
         if "config" in manifest:  # what using the folder needs (slmflow.modelcard)
             from slmflow.modelcard import write_card
 
-            write_card(tmp, manifest["config"])
+            write_card(tmp, manifest["config"], manifest.get("inputs"))
         replace_dir(tmp, final)
     finally:
         if tmp.exists():

@@ -18,7 +18,9 @@ stage's output and every cache key stay as they were):
   "guidance": {"type": "regex", "data": "(Sad|Joy|Fear|Surprise)"},   // constrained answers
   "tokenizer": "transformers",         // prompt ids: AutoTokenizer(folder)(prompt), with its
                                        // special tokens, as the evaluation tokenized them
-  "adapters": null                     // a merged model; the separate form: see below
+  "adapters": null,                    // a merged model; the separate form: see below
+  "given_adapter": null                // or, for an adapter given, not trained
+                                       // (finetune.adapter_path): {"adapter_path", "sha256"}
 }
 ```
 
@@ -45,8 +47,9 @@ class ModelFolderError(SlmflowError):
     """A folder that is not a usable published slmflow model (exit 2, one line)."""
 
 
-def build_card(config: Any) -> dict[str, Any]:
-    """The card of a run's model, from its whole config (`PipelineConfig` or its JSON dump)."""
+def build_card(config: Any, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The card of a run's model, from its whole config (`PipelineConfig` or its JSON dump) and
+    its manifest's inputs (the given adapter's sha256)."""
     from slmflow.generate import label_regex
     from slmflow.textformat import split_template, template_fields
 
@@ -65,12 +68,21 @@ def build_card(config: Any) -> dict[str, Any]:
         "guidance": {"type": "regex", "data": label_regex(list(data["labels"]))},
         "tokenizer": "transformers",
         "adapters": None,
+        "given_adapter": given_adapter(cfg, inputs),
     }
 
 
-def write_card(folder: Path, config: Any) -> Path:
+def given_adapter(cfg: dict[str, Any], inputs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Where a given adapter (finetune.adapter_path) came from; None for one the run trained."""
+    path = (cfg.get("finetune") or {}).get("adapter_path")
+    if not path:
+        return None
+    return {"adapter_path": path, "sha256": ((inputs or {}).get("adapter_source") or {}).get("sha256")}
+
+
+def write_card(folder: Path, config: Any, inputs: dict[str, Any] | None = None) -> Path:
     path = Path(folder) / CARD
-    path.write_text(json.dumps(build_card(config), indent=2, ensure_ascii=False) + "\n")
+    path.write_text(json.dumps(build_card(config, inputs), indent=2, ensure_ascii=False) + "\n")
     return path
 
 

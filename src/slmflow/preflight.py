@@ -170,11 +170,13 @@ def store_for(config: PipelineConfig) -> Store:
 
 
 def fingerprint(config: PipelineConfig) -> str:
-    """What a run's resolved inputs depend on: model, data, where outputs go."""
+    """What a run's resolved inputs depend on: model, data, a given adapter, where outputs go."""
     dumped = config.model_dump(mode="json")
     return stable_hash({**{k: dumped[k] for k in ("model", "data", "output_dir", "cache_dir",
                                                   "cache_remote")},
-                        "extra_eval_files": config.extra_eval_files()})
+                        "extra_eval_files": config.extra_eval_files(),
+                        **({"adapter_path": config.finetune.adapter_path}
+                           if config.finetune.adapter_path else {})})
 
 
 def check_rows_per_label(config: PipelineConfig, where: str, rows: list[dict[str, Any]]) -> None:
@@ -189,6 +191,33 @@ def check_rows_per_label(config: PipelineConfig, where: str, rows: list[dict[str
         )
 
 
+def check_given_adapter(config: PipelineConfig, facts: dict[str, Any] | None,
+                        store: Store) -> ArtifactRef:
+    """finetune.adapter_path: a LoRA adapter folder that fits the base (its target modules, and
+    its weights' shapes where the base is a local transformers folder: a GGUF base is checked by
+    the stage, once converted); keyed by its files' content."""
+    from slmflow import peft_adapter as pa
+    from slmflow.artifacts import content_ref
+
+    folder = pa.adapter_folder(config.finetune.adapter_path)
+    adapter = pa.read_adapter_config(folder)
+    if facts is not None:
+        pa.check_targets(adapter, facts["linear_modules"], facts["architecture"])
+    if config.export.adapters == "separate":  # else refused only by the base build, much later
+        from slmflow.onnx_adapters import BUILDER_PROJECTIONS, unsupported_targets
+
+        bad = unsupported_targets(sorted(adapter["target_modules"]))
+        if bad:
+            raise ConfigError(
+                f"finetune.adapter_path: the adapter adapts {bad}; with export.adapters=separate "
+                f"the model builder carries LoRA branches on {sorted(BUILDER_PROJECTIONS)} only: "
+                "use export.adapters=merged")
+    local = model_source_path(config.model)
+    if local is not None and config.model.source == "hf":
+        pa.check_shapes(folder, local)
+    return content_ref("adapter_source", folder, store.root / INPUTS_MEMO)
+
+
 def validate_run(config: PipelineConfig) -> RunInputs:
     """Check everything a run needs and resolve its inputs (call once per run)."""
     from slmflow.placement import check_placement
@@ -199,11 +228,15 @@ def validate_run(config: PipelineConfig) -> RunInputs:
     check_tracking(config.tracking)  # the MLflow server answers now, not after the fine-tune
     store = store_for(config)
     check_placement(config)  # pools and their stage deployments exist (only where placed)
-    world_of(config.finetune)  # processes, nodes, backend: refused here with the fix
+    given = config.finetune.adapter_path is not None  # nothing trained: no training checks
+    if not given:
+        world_of(config.finetune)  # processes, nodes, backend: refused here with the fix
     facts = base_model_facts(config.model)  # headers only: seconds, also for a large model
+    adapter_src = check_given_adapter(config, facts, store) if given else None
     if facts is not None:
-        check_target_modules(config.finetune, ArtifactRef(
-            kind="model_source", uri=config.model.name_or_path, sha256="", key="", meta=facts))
+        if not given:
+            check_target_modules(config.finetune, ArtifactRef(
+                kind="model_source", uri=config.model.name_or_path, sha256="", key="", meta=facts))
         check_memory_for_merge_and_export(config, facts["parameters"], store)
     train_src = data_source(config.data.train_file, "data.train_file", store)
     eval_src = (data_source(config.data.eval_file, "data.eval_file", store)
@@ -223,6 +256,6 @@ def validate_run(config: PipelineConfig) -> RunInputs:
     return RunInputs(
         fingerprint=fingerprint(config), store=store, output_dir=str(output_dir),
         model_source=model_src, train_source=train_src, eval_source=eval_src,
-        extra_sources=extra, model_facts=facts,
+        adapter_source=adapter_src, extra_sources=extra, model_facts=facts,
         train_rows=len(train_rows), eval_rows=len(eval_rows) if eval_rows is not None else None,
     )

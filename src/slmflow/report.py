@@ -202,11 +202,7 @@ def render_markdown(report: dict[str, Any], inline_images: bool = False) -> str:
         *_fidelity_section(report),
         *_search_section(report.get("export_search"), inline_images),
         "## Confusion matrix (exported)\n\n" + confusion,
-        (f"## Training\n\n{report['training'].get('steps')} steps, final loss "
-        f"{_num(report['training'].get('final_loss'))}, {report['training'].get('tokens_per_second')} "
-        f"tokens/s; world size {report['training'].get('world_size', 1)}, global batch "
-        f"{report['training'].get('global_batch', '?')} (batch_size × gradient_accumulation_steps "
-        "× world size).\n\n" + loss),
+        _training_section(report["training"], loss),
         _merge_section(report["merge"]),
         "## Stages\n\n" + _md_table(stage_table(report["stages"])),
     ]) + "\n"
@@ -238,6 +234,29 @@ def trained_fidelity_table(sets: dict[str, Any]) -> list[dict[str, Any]]:
                              "label_kl_mean": _num(fid["label_kl_mean"], 5),
                              "mcnemar_p": round(fid["mcnemar_p"], 4)})
     return rows
+
+
+def training(config, adapter, loss_curve: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fine-tune's figures; for a given adapter (finetune.adapter_path), where it came from
+    (the path from this run's config: the cached stage is keyed by content, not by path)."""
+    meta = dict(adapter.meta)
+    if "given" in meta:
+        meta["given"] = {"adapter_path": config.finetune.adapter_path, **meta["given"]}
+    return {**meta, "loss_curve": loss_curve}
+
+
+def _training_section(training: dict[str, Any], loss: str) -> str:
+    given = training.get("given")
+    if given:
+        return (f"## Fine-tune\n\nNo training: the adapter was given (finetune.adapter_path "
+                f"`{given['adapter_path']}`, sha256 {given['sha256']}): r {given.get('r')}, "
+                f"alpha {given.get('alpha')}, target modules {given.get('target_modules')}, "
+                f"trained on {given.get('trained_on_base')}.")
+    return (f"## Training\n\n{training.get('steps')} steps, final loss "
+            f"{_num(training.get('final_loss'))}, {training.get('tokens_per_second')} "
+            f"tokens/s; world size {training.get('world_size', 1)}, global batch "
+            f"{training.get('global_batch', '?')} (batch_size × gradient_accumulation_steps "
+            "× world size).\n\n" + loss)
 
 
 def build_report(
@@ -280,7 +299,7 @@ def build_report(
             "within_noise": fid["difference_within_noise"],
         },
         "data": data.meta,
-        "training": {**adapter.meta, "loss_curve": json.loads(loss_file.read_text())},
+        "training": training(config, adapter, json.loads(loss_file.read_text())),
         "merge": merged.meta,
         "export": onnx.meta,
         "export_search": search,

@@ -115,6 +115,46 @@ def bin_model(ws: Workspace) -> Path:
     return ws.write("bin/config.json", '{"architectures": ["LlamaForCausalLM"]}').parent
 
 
+def lora_adapter(ws: Workspace, name: str = "adapter", config: dict | None = None,
+                 weights: dict | None = None, file: str = "adapter_model.safetensors") -> Path:
+    """A PEFT LoRA adapter folder that fits the tiny Phi-3 (r 4 on qkv_proj and o_proj of its 4
+    layers), with `config` keys and `weights` changed (None deletes a weight)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder = ws.root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    ws.write(f"{name}/adapter_config.json", json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["o_proj", "qkv_proj"],
+        "base_model_name_or_path": str(ws.tiny), "task_type": "CAUSAL_LM", **(config or {})}))
+    tensors = {}
+    for layer in range(4):
+        for module, out in (("qkv_proj", 768), ("o_proj", 256)):
+            key = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{key}.lora_A.weight"] = np.zeros((4, 256), np.float32)
+            tensors[f"{key}.lora_B.weight"] = np.zeros((out, 4), np.float32)
+    for key, value in (weights or {}).items():
+        if value is None:
+            tensors.pop(key)
+        else:
+            tensors[key] = value
+    save_file(tensors, str(folder / file))
+    return folder
+
+
+def given(ws: Workspace, folder: Path | str, **finetune) -> list[str]:
+    return run_args(ws, ws.slm(finetune={"adapter_path": str(folder), **finetune}))
+
+
+def zeros(*shape: int):
+    import numpy as np
+
+    return np.zeros(shape, np.float32)
+
+
+QKV_A = "base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight"
+
+
 def run_args(ws: Workspace, config: Path | None, *sets: str, out: bool = True) -> list[str]:
     args = ["run"] + (["--config", str(config)] if config else [])
     for item in sets:
@@ -348,6 +388,65 @@ CASES: list[Case] = [
     ("olive-yaml-number-key", lambda ws: run_args(ws, ws.write("olive.yaml", yaml.safe_dump(
         {**json.loads(ws.olive().read_text()), 1: 1}))),
      r"olive\.yaml: 1: unknown Olive key '1'; valid: host, target"),
+    # ---- finetune.adapter_path: an adapter trained elsewhere, checked before any work -----------
+    ("given-adapter-missing", lambda ws: given(ws, ws.root / "nope"),
+     r"finetune\.adapter_path: .*nope does not exist; give the folder a PEFT adapter was saved to"),
+    ("given-adapter-is-a-file", lambda ws: given(ws, ws.train),
+     (r"finetune\.adapter_path: .*train\.jsonl is a file; give the folder that holds "
+     r"adapter_config\.json and adapter_model\.safetensors")),
+    ("given-adapter-no-config", lambda ws: given(ws, ws.write("empty/README.md", "x").parent),
+     r"finetune\.adapter_path: .*empty has no adapter_config\.json, so it is no PEFT adapter folder"),
+    ("given-adapter-bad-json", lambda ws: given(ws, ws.write(
+        "bad/adapter_config.json", '{"peft_type": "LORA",\n').parent),
+     r"bad/adapter_config\.json:2:1: invalid JSON: Expecting property name.*save the adapter again"),
+    ("given-adapter-not-lora", lambda ws: given(ws, lora_adapter(ws, config={"peft_type": "IA3"})),
+     (r"finetune\.adapter_path: .*adapter holds a 'IA3' adapter \(peft_type in adapter_config\.json\); "
+     r"slmflow merges and exports LoRA adapters only")),
+    ("given-adapter-dora", lambda ws: given(ws, lora_adapter(ws, config={"use_dora": True})),
+     r"finetune\.adapter_path: .*adapter is a DoRA adapter \(use_dora true\)"),
+    ("given-adapter-modules-to-save", lambda ws: given(ws, lora_adapter(
+        ws, config={"modules_to_save": ["lm_head"]})),
+     r"also trains whole modules \['lm_head'\] \(modules_to_save\); .*without modules_to_save"),
+    ("given-adapter-no-weights", lambda ws: given(ws, lora_adapter(ws, file="weights.safetensors")),
+     r"finetune\.adapter_path: .*adapter has no adapter_model\.safetensors: no adapter weights"),
+    ("given-adapter-bin-weights", lambda ws: given(ws, lora_adapter(ws, file="adapter_model.bin")),
+     (r"has no adapter_model\.safetensors; it has adapter_model\.bin: slmflow loads safetensors "
+     r"only: .*safe_serialization=True")),
+    ("given-adapter-target-not-in-base", lambda ws: given(ws, lora_adapter(
+        ws, config={"target_modules": ["q_proj", "o_proj"]})),
+     (r"finetune\.adapter_path: the adapter's target_modules \['q_proj'\] are not modules of "
+     r"Phi3ForCausalLM \(its linear modules: .*qkv_proj.*\); give an adapter trained on this base")),
+    ("given-adapter-shape-does-not-fit", lambda ws: given(ws, lora_adapter(
+        ws, weights={QKV_A: zeros(4, 128)})),
+     (r"finetune\.adapter_path: adapter weight base_model\.model\.model\.layers\.0\.self_attn\."
+     r"qkv_proj\.lora_A\.weight has shape \[4, 128\], which does not fit "
+     r"model\.layers\.0\.self_attn\.qkv_proj of the base \(768 out x 256 in\); give an adapter "
+     r"trained on this base model")),
+    ("given-adapter-layer-the-base-lacks", lambda ws: given(ws, lora_adapter(ws, weights={
+        "base_model.model.model.layers.9.self_attn.o_proj.lora_A.weight": zeros(4, 256)})),
+     r"adapts model\.layers\.9\.self_attn\.o_proj, which the base model in .* does not have"),
+    ("given-adapter-no-lora-weights", lambda ws: given(ws, lora_adapter(ws, weights={
+        f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{p}.weight": None
+        for i in range(4) for m in ("qkv_proj", "o_proj") for p in "AB"} | {"x.weight": zeros(2)})),
+     r"adapter_model\.safetensors holds no LoRA weights \(lora_A, lora_B\)"),
+    ("given-adapter-separate-lm-head", lambda ws: run_args(ws, ws.slm(
+        finetune={"adapter_path": str(lora_adapter(
+            ws, config={"target_modules": ["lm_head", "o_proj", "qkv_proj"]}))},
+        export={"adapters": "separate"})),
+     (r"finetune\.adapter_path: the adapter adapts \['lm_head'\]; with export\.adapters=separate "
+      r"the model builder carries LoRA branches on .* only: use export\.adapters=merged")),
+    ("given-adapter-distributed", lambda ws: given(
+        ws, lora_adapter(ws), distributed={"processes_per_node": 2}),
+     (r"finetune\.distributed\.processes_per_node=2: with finetune\.adapter_path nothing is "
+     r"trained, so there is nothing to distribute")),
+    ("olive-adapter-path-with-a-qlora-pass", lambda ws: run_args(ws, ws.olive(
+        at("input_model", "adapter_path", value=str(lora_adapter(ws))))),
+     (r"olive\.json: passes\.qlora\.type: not supported with input_model\.adapter_path: Olive's "
+     r"\"QLoRA\" pass refuses an input model that has an adapter; drop adapter_path")),
+    ("olive-adapter-path-shape-does-not-fit", lambda ws: run_args(ws, ws.olive(both(
+        at("input_model", "adapter_path", value=str(lora_adapter(ws, weights={QKV_A: zeros(4, 64)}))),
+        at("passes", "qlora", delete=True)))),
+     r"finetune\.adapter_path: adapter weight .*qkv_proj\.lora_A\.weight has shape \[4, 64\]"),
     ("olive-output-dir-not-writable", lambda ws: run_args(ws, ws.olive(
         at("output_dir", value=str(ws.write("f.txt", "x") / "sub"))), out=False),
      r"output_dir: .*f\.txt is a file, not a folder; choose another output_dir"),
@@ -408,15 +507,30 @@ def test_there_are_enough_cases_in_both_formats():
     assert len(CASES) >= 25 and len(olive) >= 10 and len(CASES) - len(olive) >= 25
 
 
-@pytest.mark.parametrize("which", ["slmflow-yaml", "slmflow-json", "olive", "default-gguf"])
+def _olive_generate_adapter(ws: Workspace) -> Path:
+    """`olive generate-adapter`'s workflow: the base with its adapter, ModelBuilder, ExtractAdapters."""
+    def change(config: dict) -> None:
+        config["input_model"]["adapter_path"] = str(lora_adapter(ws))
+        config["passes"] = {"builder": config["passes"]["builder"],
+                            "e": {"type": "ExtractAdapters", "adapter_type": "lora",
+                                  "save_format": "onnx_adapter"}}
+    return ws.olive(change)
+
+
+@pytest.mark.parametrize("which", ["slmflow-yaml", "slmflow-json", "olive", "default-gguf",
+                                   "given-adapter", "olive-generate-adapter"])
 def test_the_valid_inputs_the_cases_break_validate(ws: Workspace, capsys, which):
     """The base configs pass (so each case fails for the one thing it breaks), loading nothing."""
-    config = {"slmflow-yaml": ws.slm(), "slmflow-json": ws.slm("c.json"), "olive": ws.olive(),
-              "default-gguf": None}[which]
+    config = {"slmflow-yaml": ws.slm, "slmflow-json": lambda: ws.slm("c.json"), "olive": ws.olive,
+              "default-gguf": lambda: None,
+              "given-adapter": lambda: ws.slm(finetune={"adapter_path": str(lora_adapter(ws))}),
+              "olive-generate-adapter": lambda: _olive_generate_adapter(ws)}[which]()
     args = ["validate", *(["--config", str(config)] if config else []), "--set", f"output_dir={ws.out}"]
     before = _snapshot(ws.root)
     assert main(args) == 0, capsys.readouterr().err
-    assert capsys.readouterr().out.startswith("ok: model ")
+    out = capsys.readouterr().out
+    assert out.startswith("ok: model ")
+    assert ("given adapter " in out) == which.endswith("adapter"), out
     assert not ws.out.exists() and _snapshot(ws.root) == before
 
 

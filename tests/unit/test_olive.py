@@ -322,7 +322,8 @@ def test_typos_in_values_name_the_nearest_valid_value(workdir, dotted, value, ma
     ("systems.aml.type", "Docker", r"systems\.aml\.type: not supported: Docker systems"),
     ("passes.lora.config.r", 8, (r"passes\.lora\.config\.r: sets finetune\.r = 8, but "
                                 r"passes\.lora\.config\.lora_r set it to 64; keep one of them")),
-    ("input_model.config.adapter_path", "adapters/x", r"adapter_path: not supported"),
+    ("input_model.config.adapter_path", "azureml://datastores/d/paths/a",
+     r"input_model\.config\.adapter_path: expected the local folder of a PEFT LoRA adapter"),
     ("data_configs.0.load_dataset_config.params.split", "test",
      r"split: not supported: split 'test' of a local file"),
 ])
@@ -632,4 +633,78 @@ def test_merging_and_extracting_the_adapter_is_refused(workdir):
     olive["passes"]["extract"] = {"type": "ExtractAdapters"}
     with pytest.raises(ConfigError, match=r"MergeAdapterWeights merges the adapter into the base "
                                           r"and ExtractAdapters keeps it apart: keep one of them"):
+        translate_olive(olive, "cfg")
+
+
+# ---- adapter_path: an adapter trained before; olive generate-adapter's workflow ---------------
+def _given(passes: dict, **model) -> dict:
+    """Olive 0.13's HfModel with a trained adapter, and `passes`."""
+    return {"input_model": {"type": "HfModel", "model_path": "models/phi-3-mini",
+                            "adapter_path": "adapters/tones", **model}, "passes": passes}
+
+
+def test_adapter_path_is_a_given_adapter_merged_and_exported(workdir):
+    out, notes = translate_olive(_given({"m": {"type": "MergeAdapterWeights"},
+                                         "b": {"type": "ModelBuilder", "precision": "int4"}}), "cfg")
+    assert out["finetune"] == {"adapter_path": "adapters/tones"}  # no method: nothing is trained
+    assert "adapters" not in out.get("export", {})
+    config = build_config(out, source="cfg")
+    assert config.finetune.adapter_path == "adapters/tones" and config.export.adapters == "merged"
+    [note] = [n for n in notes if n.olive_key == "input_model.adapter_path"]
+    assert note.targets == ("finetune.adapter_path",) and "nothing trained" in note.became
+
+
+def test_generate_adapter_workflow_translates_to_the_given_adapter_exported_separate(workdir):
+    """What `olive generate-adapter --save_config_file` writes (its TEMPLATE, olive/cli/
+    generate_adapter.py), with the ONNX model it reads replaced by what slmflow builds it from:
+    the HfModel with its adapter_path, and a ModelBuilder pass."""
+    olive = {
+        "input_model": {"type": "HfModel", "model_path": "models/phi-3-mini",
+                        "adapter_path": {"type": "folder", "path": "adapters/tones"}},
+        "systems": {"local_system": {"type": "LocalSystem", "accelerators": [
+            {"device": "cpu", "execution_providers": ["CPUExecutionProvider"]}]}},
+        "passes": {"b": {"type": "ModelBuilder", "precision": "int4"},
+                   "e": {"type": "ExtractAdapters", "save_format": "onnx_adapter",
+                         "adapter_type": "lora"}},
+        "host": "local_system", "target": "local_system", "no_artifacts": True,
+        "output_dir": "optimized-model", "log_severity_level": 3,
+        "cache_config": {"account_name": None, "container_name": None},
+    }
+    out, _ = translate_olive(olive, "cfg")
+    config = build_config(out, source="cfg")
+    assert config.finetune.adapter_path == "adapters/tones"
+    assert (config.export.adapters, config.export.precision) == ("separate", "int4")
+    assert config.export.execution_provider == "cpu" and config.output_dir == "optimized-model"
+
+
+def test_adapter_path_with_a_training_pass_is_refused_as_olive_refuses_it(workdir):
+    with pytest.raises(ConfigError, match=r"cfg: passes\.lora\.type: not supported with "
+                       r"input_model\.adapter_path: Olive's \"LoRA\" pass refuses an input model "
+                       r"that has an adapter; drop adapter_path to train a new adapter, or drop "
+                       r"this pass"):
+        translate_olive(_given({"lora": {"type": "LoRA"}}), "cfg")
+    olive = asset("seed_full")  # the seed's dialect: under config
+    olive["input_model"]["config"]["adapter_path"] = "adapters/tones"
+    with pytest.raises(ConfigError, match=r"passes\.lora\.type: not supported with "
+                                          r"input_model\.config\.adapter_path"):
+        translate_olive(olive, "cfg")
+
+
+@pytest.mark.parametrize(("olive", "match"), [
+    (_given({"b": {"type": "ModelBuilder"}}, adapter_path={"type": "azureml_datastore"}),
+     r"adapter_path: not supported: adapter_path of type 'azureml_datastore'; give a local folder"),
+    (_given({"e": {"type": "ExtractAdapters", "adapter_type": "loha"}}),
+     r"passes\.e\.adapter_type: not supported: slmflow exports LoRA adapters only"),
+    ({"input_model": {"type": "HfModel", "model_path": "m"}, "passes": {"b": {"type": "ModelBuilder"}}},
+     (r"passes: slmflow runs one LoRA or QLoRA pass, found 0; .*or give a trained adapter: "
+     r"input_model\.adapter_path, and no LoRA pass")),
+    ({"input_model": {"type": "ONNXModel", "model_path": "m.onnx"},
+      "passes": {"e": {"type": "ExtractAdapters"}}},
+     (r"not a ONNXModel; for `olive generate-adapter`'s result, give the HfModel with its "
+     r"adapter_path and a ModelBuilder and an ExtractAdapters pass")),
+    (_given({"b": {"type": "ModelBuilder"}}) | {"cache_config": {"account_name": "acct"}},
+     r"cache_config\.account_name: not supported: set slmflow's `cache_remote`"),
+])
+def test_adapter_configs_slmflow_cannot_honour_are_refused(workdir, olive, match):
+    with pytest.raises(ConfigError, match=match):
         translate_olive(olive, "cfg")

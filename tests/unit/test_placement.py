@@ -78,7 +78,8 @@ def test_every_stage_names_the_config_class_its_sub_run_validates():
 
     assert {n: config_type(s) for n, s in STAGES.items()} == {
         "base_model": config.BaseModelConfig, "prepare_data": config.DataConfig,
-        "finetune": config.FinetuneConfig, "merge": config.MergeConfig,
+        "finetune": config.FinetuneConfig, "given_adapter": config.FinetuneConfig,
+        "merge": config.MergeConfig,
         "export": config.ExportConfig, "evaluate": config.EvaluateConfig,
         "export_base": config.ExportConfig, "export_adapter": config.ExportConfig}
 

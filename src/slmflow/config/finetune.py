@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from slmflow.config.base import _Config
+from slmflow.config.base import PathSpec, _Config
 
 
 class DistributedConfig(_Config):
@@ -51,8 +51,20 @@ class DistributedConfig(_Config):
 
 
 class FinetuneConfig(_Config):
-    """LoRA or QLoRA fine-tuning of the base model."""
+    """LoRA or QLoRA fine-tuning of the base model (or an adapter trained elsewhere)."""
 
+    adapter_path: PathSpec | None = Field(
+        None,
+        title="Given adapter",
+        description="A PEFT LoRA adapter trained elsewhere (a folder with adapter_config.json "
+        "and adapter_model.safetensors; local, or pkg:MODULE/FOLDER), on this base model: "
+        "nothing is trained, the adapter is merged, exported (merged or separate) and evaluated "
+        "as a trained one would be, keyed by its files' content. Its own adapter_config.json "
+        "says r, alpha and target modules (finetune.r, alpha, target_modules and the training "
+        "settings are unused); method qlora says it was trained on the 4-bit base (the trained "
+        "model is evaluated that way, merge.base_weights dequantized is allowed). Olive's "
+        "input_model.adapter_path. null: train one.",
+    )
     method: Literal["lora", "qlora"] = Field(
         "lora",
         title="Method",
@@ -118,6 +130,18 @@ class FinetuneConfig(_Config):
         description="Data parallelism over processes and nodes (torch.distributed). The global "
         "batch is batch_size × gradient_accumulation_steps × world size.",
     )
+
+
+    @model_validator(mode="after")
+    def _nothing_to_distribute(self) -> FinetuneConfig:
+        spread = {k: v for k, v in (("processes_per_node", self.distributed.processes_per_node),
+                                    ("nodes", self.distributed.nodes)) if v not in ("auto", 1)}
+        if self.adapter_path is not None and spread:
+            key, value = next(iter(spread.items()))
+            raise ValueError(f"finetune.distributed.{key}={value}: with finetune.adapter_path "
+                             "nothing is trained, so there is nothing to distribute; set it to "
+                             "auto, or finetune.adapter_path to null to train an adapter")
+        return self
 
 
 class MergeConfig(_Config):

@@ -49,6 +49,22 @@ def handle_azureml_client(t: Translator, value: Any, path: str, node: dict) -> N
 LOGS = Noted("slmflow logs each stage to stderr (and to Prefect)")
 SAME_INPUTS = Noted("slmflow's cache is keyed by content: a stage is reused only when its inputs "
                     "are the same")
+SHARED_CACHE = Refused("set slmflow's `cache_remote` (an fsspec URL such as az://CONTAINER/PREFIX) "
+                       "instead; runs that share cache_dir reuse each other's stages",
+                       ok=(None, False))
+CACHE_DIR = Map("cache_dir", "content-keyed stage outputs, the int4 model among them")
+# Olive's CLI commands write cache_config with a null account and container (no shared cache)
+CACHE_CONFIG = Table({
+    "cache_dir": CACHE_DIR,
+    "clean_cache": SAME_INPUTS,
+    "clean_evaluation_cache": SAME_INPUTS,
+    "account_name": Refused("set slmflow's `cache_remote` (az://CONTAINER/PREFIX) for a shared "
+                            "Azure cache"),
+    "container_name": Refused("set slmflow's `cache_remote` (az://CONTAINER/PREFIX) for a shared "
+                              "Azure cache"),
+    "enable_shared_cache": SHARED_CACHE,
+    "update_shared_cache": Noted("slmflow uploads each built stage to cache_remote when one is set"),
+})
 ENGINE = Table({
     "host": SYSTEM_REF,
     "target": SYSTEM_REF,
@@ -58,7 +74,7 @@ ENGINE = Table({
         "other providers, or more than one, refused"),
     "output_dir": Map("output_dir", "report.json, report.md and the published model; stage outputs "
                       "go to the shared cache unless cache_dir is set"),
-    "cache_dir": Map("cache_dir", "content-keyed stage outputs, the int4 model among them"),
+    "cache_dir": CACHE_DIR,
     "log_severity_level": LOGS,
     "ort_log_severity_level": LOGS,
     "ort_py_log_severity_level": LOGS,
@@ -69,12 +85,10 @@ ENGINE = Table({
     "evaluator": EVALUATOR,
     "packaging_config": Refused("slmflow writes the model folder (model.onnx, genai_config.json, "
                                 "tokenizer) under cache_dir; package it yourself"),
-    "cache_config": Refused("name the cache folder with cache_dir", ok=(None, {})),
+    "cache_config": Section(CACHE_CONFIG),
     "clean_cache": SAME_INPUTS,
     "clean_evaluation_cache": SAME_INPUTS,
-    "enable_shared_cache": Refused("set slmflow's `cache_remote` (an fsspec URL such as "
-                                   "az://CONTAINER/PREFIX) instead; runs that share cache_dir "
-                                   "reuse each other's stages", ok=(None, False)),
+    "enable_shared_cache": SHARED_CACHE,
     "plot_pareto_frontier": Refused("slmflow does not search, so there is no Pareto frontier",
                                     ok=(None, False)),
     "no_artifacts": Noted("slmflow always writes report.json and keeps the stage outputs"),
@@ -84,8 +98,10 @@ TOP = Table({
     "data_configs": Special(handle_data_configs, "read where a pass names them "
                             "(train_data_config, eval_data_config); a data config no pass names "
                             "is noted as unused"),
-    "passes": Special(handle_passes, "a LoRA or QLoRA pass, then optionally MergeAdapterWeights "
-                      "and ModelBuilder, in that order (slmflow always merges and exports)"),
+    "passes": Special(handle_passes, "a LoRA or QLoRA pass (none when input_model has an "
+                      "adapter_path), then optionally MergeAdapterWeights, ModelBuilder and "
+                      "ExtractAdapters (not with MergeAdapterWeights), in that order (slmflow "
+                      "always exports)"),
     "systems": Special(handle_systems, "named systems (below); they matter where "
                        "engine.host/target or a pass's host names them"),
     "engine": Section(ENGINE),

@@ -43,7 +43,10 @@ def handle_model_type(t: Translator, value: Any, path: str, node: dict) -> None:
                             "names an AzureML registry model)")
     elif kind in (m.lower() for m in MODEL_TYPES):
         raise t.error(path, f"not supported: slmflow fine-tunes a transformers model (PyTorchModel "
-                            f"or HfModel), not a {value}")
+                            f"or HfModel), not a {value}"
+                            + ("; for `olive generate-adapter`'s result, give the HfModel with its "
+                               "adapter_path and a ModelBuilder and an ExtractAdapters pass"
+                               if kind == "onnxmodel" else ""))
     else:
         raise t.unknown(path, value, list(MODEL_TYPES), "model type")
 
@@ -99,6 +102,25 @@ def registry_model(t: Translator, registry: Any, name: Any, version: Any, value:
                         t.put("model.version", version, path)])
     t.note(path, value, f"{became} (downloaded from the registry by the base-model stage with "
                         "your Azure login)")
+
+
+def handle_adapter_path(t: Translator, value: Any, path: str, node: dict) -> None:
+    """An adapter trained before (Olive's HfModel `adapter_path`, a folder or a resource)."""
+    if isinstance(value, dict):
+        inner = value.get("config")
+        conf = {**value, **(inner if isinstance(inner, dict) else {})}
+        if value.get("type") not in ("folder", "string_name") or not isinstance(conf.get("path"), str):
+            raise t.error(path, f"not supported: adapter_path of type {given(value.get('type'))}; "
+                                "give a local folder (the PEFT adapter's save_pretrained folder)")
+        value = conf["path"]
+    if value is None:
+        t.note(path, value, "noted: null: slmflow trains the adapter")
+        return
+    if not isinstance(value, str) or value.startswith(("azureml:", "hf:")):
+        raise t.error(path, f"expected the local folder of a PEFT LoRA adapter, got {show(value)}; "
+                            "download the adapter and give its folder")
+    t.note(path, value, t.put("finetune.adapter_path", value, path) + " (an adapter trained "
+           "before: merged or exported as it is, nothing trained)")
 
 
 def handle_hf_model_name(t: Translator, value: Any, path: str, node: dict) -> None:
@@ -162,10 +184,11 @@ INPUT_MODEL = Table({
     "load_kwargs": Section(LOAD_KWARGS),
     "model_file_format": Noted("the registry model's file layout (e.g. PyTorch.MLflow): slmflow "
                                "uses the transformers folder (config.json, safetensors) inside it"),
-    "adapter_path": Refused("slmflow trains a new adapter on the base (an existing adapter is "
-                            "not taken as input yet); merge it into the base model first, or "
-                            "train with an ExtractAdapters pass (export.adapters separate) to "
-                            "ship adapters apart from one int4 base"),
+    "adapter_path": Special(
+        handle_adapter_path, "a trained PEFT LoRA adapter folder → `finetune.adapter_path`: "
+        "nothing is trained, it is merged (or, with an ExtractAdapters pass, exported as an "
+        ".onnx_adapter file: `olive generate-adapter`'s result), exported and evaluated; with a "
+        "LoRA or QLoRA pass refused, as Olive refuses it"),
     "io_config": Noted("the model builder derives the inputs and outputs from the model"),
     "generative": Noted("slmflow's models are generative"),
     "model_attributes": Refused("slmflow reads the model's attributes from its config.json"),

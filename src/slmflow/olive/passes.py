@@ -81,19 +81,29 @@ def finish_passes(t: Translator) -> None:
     """One fine-tuning pass, then merge, then export; finetune.method from the pass type."""
     kinds = [kind for kind, *_ in t.passes]
     tuning = [p for p in t.passes if p[0] in ("lora", "qlora")]
-    if len(tuning) != 1:
+    adapter = t.set_by.get("finetune.adapter_path")  # the input model's trained adapter
+    if adapter and tuning:
+        # Olive's LoRA passes load the base without its adapter and stop: "Model already has an
+        # adapter. Please provide a model without an adapter." (load_hf_base_model)
+        raise t.error(tuning[0][2], f"not supported with {adapter}: Olive's {show(tuning[0][3])} "
+                                    "pass refuses an input model that has an adapter; drop "
+                                    "adapter_path to train a new adapter, or drop this pass to "
+                                    "merge or export the given one")
+    if len(tuning) != 1 and not adapter:
         raise t.error("passes", f"slmflow runs one LoRA or QLoRA pass, found {len(tuning)}; its "
-                                "pipeline is fine-tune → merge → export")
+                                "pipeline is fine-tune → merge → export (or give a trained "
+                                "adapter: input_model.adapter_path, and no LoRA pass)")
     ranks = [ORDER[k] for k in kinds]
     if ranks != sorted(ranks) or len(set(kinds)) < len(kinds):
         raise t.error("passes", f"slmflow runs fine-tune → merge → export; the passes here are in "
                                 f"another order or repeat: {[show(p[3]) for p in t.passes]}")
-    kind, _, path, _ = tuning[0]
     names = [name for _, name, _, _ in t.passes]
-    method = "qlora" if kind == "qlora" or t.qlora_by else "lora"
-    t.put("finetune.method", method, path)
-    why = f" ({t.qlora_by} in a LoRA pass: QLoRA)" if kind == "lora" and t.qlora_by else ""
-    t.extend(path, f"finetune.method = {show(method)}{why}")
+    if tuning:
+        kind, _, path, _ = tuning[0]
+        method = "qlora" if kind == "qlora" or t.qlora_by else "lora"
+        t.put("finetune.method", method, path)
+        why = f" ({t.qlora_by} in a LoRA pass: QLoRA)" if kind == "lora" and t.qlora_by else ""
+        t.extend(path, f"finetune.method = {show(method)}{why}")
     if "extract" in kinds:
         if "merge" in kinds:
             raise t.error("passes", "MergeAdapterWeights merges the adapter into the base and "
@@ -342,6 +352,7 @@ BUILDER_ONLY = {
     "include_hidden_states": Refused("slmflow evaluates generated text", ok=(None, False)),
 }
 EXTRACT_ONLY = {
+    "adapter_type": Refused("slmflow exports LoRA adapters only", ok=(None, "lora", "LORA")),
     "make_inputs": Refused("slmflow makes the LoRA weights graph inputs (their zero initializers "
                            "kept as defaults), as make_inputs true", ok=(None, True)),
     "save_format": Refused("slmflow writes onnxruntime's .onnx_adapter files",

@@ -12,13 +12,13 @@ import yaml
 from slmflow.errors import ConfigError
 from slmflow.olive.core import Map, Note, Noted, Refused, Section, Table, show
 from slmflow.olive.data import DATA_CONFIG, LOAD_DATASET, PRE_PROCESS
-from slmflow.olive.engine import ENGINE, TOP
+from slmflow.olive.engine import CACHE_CONFIG, ENGINE, TOP
 from slmflow.olive.model import HF_CONFIG, INPUT_MODEL, LOAD_KWARGS
 from slmflow.olive.passes import BUILDER_ONLY, EXTRACT_ONLY, LORA_ONLY, PASS, TRAINING_ARGS
 from slmflow.olive.systems import SYSTEM, check_runnable
 
 SECTIONS: list[tuple[Table, str]] = [  # the table's order: (keys, how they are written)
-    (TOP, "{}"), (ENGINE, "engine.{}"),
+    (TOP, "{}"), (ENGINE, "engine.{}"), (CACHE_CONFIG, "engine.cache_config.{}"),
     (INPUT_MODEL, "input_model[.config].{}"), (HF_CONFIG, "input_model.config.hf_config.{}"),
     (LOAD_KWARGS, ("input_model[.config].load_kwargs.{} (seed: hf_config.model_loading_args or "
                    "from_pretrained_args)")),

@@ -11,10 +11,11 @@ from slmflow.stages import (
     export,
     export_separate,
     finetune,
+    given_adapter,
     merge,
     prepare_data,
 )
 
 STAGES: dict[str, Stage] = {m.STAGE.name: m.STAGE for m in (
-    base_model, prepare_data, finetune, merge, export, evaluate)} | {
+    base_model, prepare_data, finetune, given_adapter, merge, export, evaluate)} | {
     s.name: s for s in (export_separate.BASE_STAGE, export_separate.ADAPTER_STAGE)}

@@ -257,7 +257,9 @@ def key_config(cfg: FinetuneConfig) -> dict[str, Any]:
     """The config as the adapter's key sees it: how many processes share the global batch
     changes the adapter; how they were started does not. (One process keeps the keys of
     adapters trained before distributed fine-tuning existed.)"""
-    keyed = cfg.model_dump(mode="json", exclude={"distributed"})
+    # adapter_path is None here (a given adapter is the given_adapter stage's); left out, the
+    # keys of adapters trained before it existed stay as they were
+    keyed = cfg.model_dump(mode="json", exclude={"distributed", "adapter_path"})
     size = world_of(cfg).size
     return keyed if size == 1 else keyed | {"world_size": size}
 
