@@ -196,7 +196,7 @@ CASES: list[Case] = [
      r"c\.yaml: holds more than 10000 values \(a YAML alias counts each time it is used\)"),
     # ---- slmflow format: keys, types, ranges ---------------------------------------------------
     ("section-not-mapping", lambda ws: run_args(ws, ws.slm(finetune=8)),
-     r"c\.yaml: finetune: must be a mapping of keys \(method, r, alpha, dropout, \.\.\.\), got 8"),
+     r"c\.yaml: finetune: must be a mapping of keys \(adapter_path, method, r, alpha, \.\.\.\), got 8"),
     ("unknown-section", lambda ws: run_args(ws, ws.slm(finetun={"r": 8})),
      r"c\.yaml: finetun: unknown key; did you mean 'finetune'\?"),
     ("unknown-key", lambda ws: run_args(ws, ws.slm(finetune={"lora_r": 8})),

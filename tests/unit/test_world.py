@@ -71,10 +71,11 @@ def test_the_adapter_key_counts_the_world_size_not_the_launch(monkeypatch, tmp_p
     assert key(timeout_seconds=60, backend="gloo") == one  # how it is launched: same adapter
     assert key(processes_per_node=1) == one
     assert key(processes_per_node=2) != one  # 2 processes: another global batch
-    # One process keeps the key adapters had before distributed fine-tuning existed.
+    # One process keeps the key adapters had before distributed fine-tuning existed (and before
+    # finetune.adapter_path, None for a trained adapter, existed).
     from slmflow.stage import stage_key
 
-    plain = FinetuneConfig(device="cpu").model_dump(mode="json", exclude={"distributed"})
+    plain = FinetuneConfig(device="cpu").model_dump(mode="json", exclude={"distributed", "adapter_path"})
     assert one == stage_key("adapter", finetune.STAGE.version, plain, [base, data], store)
 
 
