@@ -96,8 +96,9 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
     return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
 
 
-def check_shapes(folder: Path, base_dir: Path) -> None:
-    """Every LoRA weight must adapt a weight the base has, with its in and out sizes."""
+def check_shapes(folder: Path, base_dir: Path, config: dict[str, Any] | None = None) -> None:
+    """Every LoRA weight must adapt a weight the base has, with its in and out sizes (and, per
+    `config` without a rank_pattern, its rank r: the separate export's base is built for it)."""
     try:
         weights = safetensors_shapes(folder / WEIGHTS)
     except (OSError, ValueError, struct.error, KeyError, TypeError) as exc:
@@ -123,6 +124,10 @@ def check_shapes(folder: Path, base_dir: Path) -> None:
         if len(shape) != 2 or side != need:
             raise ConfigError(f"{FIELD}: adapter weight {key} has shape {shape}, which does not fit "
                               f"{module} of the base ({have[0]} out x {have[1]} in); {RETRAIN}")
+        rank = shape[0] if part == "A.weight" else shape[1]
+        if config and not config.get("rank_pattern") and rank != config.get("r"):
+            raise ConfigError(f"{FIELD}: adapter weight {key} has rank {rank}, its {CONFIG} says "
+                              f"r {config.get('r')}; save the adapter again")
 
 
 def describe(config: dict[str, Any]) -> dict[str, Any]:

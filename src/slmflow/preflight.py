@@ -214,7 +214,7 @@ def check_given_adapter(config: PipelineConfig, facts: dict[str, Any] | None,
                 "use export.adapters=merged")
     local = model_source_path(config.model)
     if local is not None and config.model.source == "hf":
-        pa.check_shapes(folder, local)
+        pa.check_shapes(folder, local, adapter)
     return content_ref("adapter_source", folder, store.root / INPUTS_MEMO)
 
 

@@ -422,6 +422,9 @@ CASES: list[Case] = [
      r"qkv_proj\.lora_A\.weight has shape \[4, 128\], which does not fit "
      r"model\.layers\.0\.self_attn\.qkv_proj of the base \(768 out x 256 in\); give an adapter "
      r"trained on this base model")),
+    ("given-adapter-rank-not-its-configs", lambda ws: given(ws, lora_adapter(ws, config={"r": 8})),
+     (r"finetune\.adapter_path: adapter weight .*lora_A\.weight has rank 4, its adapter_config\.json "
+     r"says r 8; save the adapter again")),
     ("given-adapter-layer-the-base-lacks", lambda ws: given(ws, lora_adapter(ws, weights={
         "base_model.model.model.layers.9.self_attn.o_proj.lora_A.weight": zeros(4, 256)})),
      r"adapts model\.layers\.9\.self_attn\.o_proj, which the base model in .* does not have"),

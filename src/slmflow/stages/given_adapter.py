@@ -29,7 +29,7 @@ def check(cfg: FinetuneConfig, base: ArtifactRef, source: ArtifactRef, **_: Any)
     folder = Path(source.uri)
     config = pa.read_adapter_config(folder)
     pa.check_targets(config, base.meta.get("linear_modules"), base.meta.get("architecture"))
-    pa.check_shapes(folder, model_dir(base))
+    pa.check_shapes(folder, model_dir(base), config)
 
 
 def build(cfg: FinetuneConfig, ws: Workspace, base: ArtifactRef, source: ArtifactRef) -> dict[str, Any]:
