@@ -21,7 +21,7 @@ from html import escape
 from typing import Any
 
 from slmflow.artifacts import ArtifactRef
-from slmflow.config import ExportConfig, RecipeSearchConfig, SensitivityConfig
+from slmflow.config import SEPARATE_REFUSALS, ExportConfig, RecipeSearchConfig, SensitivityConfig
 
 # How each named recipe sets the builder (fields of ExportConfig); unset fields keep the
 # builder's defaults, so int4_k_quant is exactly the manual default's export.
@@ -55,16 +55,8 @@ def candidate_config(cfg: ExportConfig, name: str) -> ExportConfig:
 
 
 def separate_refusal(name: str) -> str | None:
-    """Why `export.adapters: separate` cannot build recipe `name` (None: it can). Its base keeps
-    the LoRA branches fp32 through the model builder and is shared by every fine-tune."""
-    recipe = RECIPES[name]
-    if recipe.get("quantizer", "builder") != "builder":
-        return (f"onnxruntime's {recipe['quantizer'].upper()} quantizer makes every MatMul int4, "
-                "the LoRA branches too")
-    if recipe.get("sensitivity", {}).get("int8_budget"):
-        return ("its int8 MatMuls are ranked on the merged fine-tune, so the base would not be "
-                "shared by other fine-tunes")
-    return None
+    """Why `export.adapters: separate` cannot build recipe `name` (None: it can)."""
+    return SEPARATE_REFUSALS.get(name)
 
 
 def separate_candidates(cfg: RecipeSearchConfig) -> tuple[list[str], dict[str, str]]:

@@ -8,7 +8,13 @@ import pytest
 
 from slmflow import recipes
 from slmflow.artifacts import ArtifactRef
-from slmflow.config import ALL_RECIPES, ExportConfig, PipelineConfig, RecipeSearchConfig
+from slmflow.config import (
+    ALL_RECIPES,
+    SEPARATE_REFUSALS,
+    ExportConfig,
+    PipelineConfig,
+    RecipeSearchConfig,
+)
 from slmflow.configio import build_config
 from slmflow.errors import ConfigError
 from slmflow.stages.export import STAGE, builder_options
@@ -103,6 +109,15 @@ def test_failed_candidates_are_recorded_and_the_search_goes_on():
     assert rows["int4_k_quant"]["verdict"] == "chosen (smallest within the gate)"
     svg = recipes.search_svg(summary)
     assert svg.startswith("<svg") and "int4_rtn_b128" in svg and "chosen" in svg
+
+
+def test_the_separate_forms_refusals_are_the_recipes_it_cannot_build():
+    """SEPARATE_REFUSALS (the config's, below slmflow.recipes) names exactly the recipes not
+    quantized by the builder or with a sensitivity budget."""
+    cannot = {name for name, r in recipes.RECIPES.items()
+              if r.get("quantizer", "builder") != "builder" or r.get("sensitivity", {}).get("int8_budget")}
+    assert set(SEPARATE_REFUSALS) == cannot == {"int4_hqq", "int4_gptq", "int4_sensitive"}
+    assert recipes.separate_refusal("int4_k_quant") is None
 
 
 def test_a_separate_search_weighs_base_plus_adapter_and_says_so():

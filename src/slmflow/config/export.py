@@ -18,6 +18,15 @@ ALL_RECIPES: tuple[str, ...] = RecipeName.__args__  # from the smallest expected
 # on SmolLM2 on a CPU); onnxruntime 1.32's HQQ lost the fine-tune of SmolLM2 here (it answered
 # like the base model, accuracy 0 on both sets; bench.recipes).
 DEFAULT_CANDIDATES: tuple[str, ...] = tuple(r for r in ALL_RECIPES if r not in ("int4_gptq", "int4_hqq"))
+# The recipes export.adapters=separate cannot build, and why: its base keeps the LoRA branches
+# fp32 through the model builder and is shared by every fine-tune. Those of slmflow.recipes.RECIPES
+# not quantized by the builder or with a sensitivity budget (tests/unit/test_recipes checks it).
+SEPARATE_REFUSALS: dict[str, str] = {
+    "int4_hqq": "onnxruntime's HQQ quantizer makes every MatMul int4, the LoRA branches too",
+    "int4_gptq": "onnxruntime's GPTQ quantizer makes every MatMul int4, the LoRA branches too",
+    "int4_sensitive": "its int8 MatMuls are ranked on the merged fine-tune, so the base would not "
+                      "be shared by other fine-tunes",
+}
 
 
 class RecipeSearchConfig(_Config):
@@ -190,10 +199,8 @@ class ExportConfig(_Config):
                                  "model builder: set export.quantizer=builder and "
                                  "export.sensitivity.int8_budget=0, or export.adapters=merged")
             if self.recipe == "auto" and self.search.candidates != list(DEFAULT_CANDIDATES):
-                from slmflow.recipes import separate_refusal  # recipes imports this module
-
-                named = {n: separate_refusal(n) for n in self.search.candidates}
-                named = {n: why for n, why in named.items() if why}
+                named = {n: SEPARATE_REFUSALS[n] for n in self.search.candidates
+                         if n in SEPARATE_REFUSALS}
                 if named:  # the default list leaves them out itself, saying why (recipes)
                     raise ValueError(
                         "export.search.candidates: export.adapters=separate cannot build "
