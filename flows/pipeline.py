@@ -247,7 +247,9 @@ def search_export_recipe(
     export.adapters=separate: each candidate is the base build of that recipe (`export_base`,
     keyed as a manual run's, so shared by every fine-tune of this shape), this fine-tune's
     adapter file for it, and the evaluation of the two together; the recipes the separate form
-    cannot build are left out, saying why. Judged against merged by the same rule.
+    cannot build are left out, saying why. Judged against merged by the same rule. Placed, a
+    candidate is two flow runs: the base build, then the adapter file chained with the
+    evaluation (a chain feeds a step the output just before it, and the evaluation needs both).
     """
     from slmflow.errors import StageCheckError
     from slmflow.fidelity import compare, read_predictions
