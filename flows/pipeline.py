@@ -16,11 +16,12 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from prefect import flow
 
 from flows.steps import Runner, Step, chain_runner
+from slmflow import recipes
 from slmflow.artifacts import ArtifactRef
 from slmflow.cache import record_use
 from slmflow.config import PipelineConfig
@@ -148,8 +149,8 @@ def evaluate_and_export(
     search, the adapter file's stage with export.adapters=separate).
 
     Separate form: the exported model is the shared base build with this fine-tune's adapter
-    file; with evaluate.compare_merged_export the merged export is evaluated beside it
-    (`exported_merged`)."""
+    file (with export.recipe auto, each candidate is one); with evaluate.compare_merged_export
+    the merged export of the same recipe is evaluated beside it (`exported_merged`)."""
 
     def evaluate(model: ArtifactRef, label: str, on: ArtifactRef = data,
                  with_adapter: ArtifactRef | None = None, **named: Any) -> ArtifactRef:
@@ -175,24 +176,28 @@ def evaluate_and_export(
             sets[name]["trained"] = evaluate(adapter, label("trained", name), on, base=base,
                                              quantization=quantization)
     gate, search, onnx_adapter = config.evaluate.gate_set, None, None
-    if config.export.adapters == "separate":
-        onnx, onnx_adapter = export_separate(config, steps, base, adapter, data)
-        if config.evaluate.compare_merged_export:
-            merged_onnx = stage("export", "export", config.export, merged=merged, data=data)
-            for name, on in prepared.items():
-                sets[name]["exported_merged"] = evaluate(merged_onnx, label("exported_merged", name), on)
-    elif config.export.recipe == "auto":  # every candidate exported and evaluated, one kept
+    separate, export_cfg = config.export.adapters == "separate", config.export
+    if config.export.recipe == "auto":  # every candidate exported and evaluated, one kept
         # on the validation rows when the data has them: then no reported set made the choice
         if "validation" in data.meta:
             choice = {"merged": evaluate(merged, label("merged", "validation"), split="validation")}
-            onnx, choice["exported"], search = search_export_recipe(
-                config, steps, merged, data, data, choice["merged"], "validation")
+            found = search_export_recipe(config, steps, merged, data, data, choice["merged"],
+                                         "validation", base, adapter)
+            choice["exported"] = found.evaluation
             sets["validation"] = choice
         else:
-            onnx, _, search = search_export_recipe(
-                config, steps, merged, data, prepared[gate], sets[gate]["merged"], gate)
+            found = search_export_recipe(config, steps, merged, data, prepared[gate],
+                                         sets[gate]["merged"], gate, base, adapter)
+        onnx, onnx_adapter, search = found.onnx, found.adapter, found.summary
+        export_cfg = recipes.candidate_config(config.export, found.recipe)
+    elif separate:
+        onnx, onnx_adapter = export_separate(config, steps, base, adapter, data)
     else:
         onnx = stage("export", "export", config.export, merged=merged, data=data)
+    if separate and config.evaluate.compare_merged_export:  # the same recipe, merged
+        merged_onnx = stage("export", "export", export_cfg, merged=merged, data=data)
+        for name, on in prepared.items():
+            sets[name]["exported_merged"] = evaluate(merged_onnx, label("exported_merged", name), on)
     for name, on in prepared.items():
         sets[name]["exported"] = evaluate(onnx, label("exported", name), on, onnx_adapter)
     return sets, onnx, search, onnx_adapter
@@ -215,6 +220,17 @@ def export_separate(config: PipelineConfig, steps: Callable[..., list[ArtifactRe
     return onnx_base, onnx_adapter
 
 
+class Searched(NamedTuple):
+    """What the recipe search publishes: the chosen recipe's export (separate form: its base
+    build, with this fine-tune's adapter file), its evaluation, the search's record."""
+
+    onnx: ArtifactRef
+    adapter: ArtifactRef | None
+    evaluation: ArtifactRef
+    summary: dict[str, Any]
+    recipe: str  # the chosen one, or the most accurate standing in when none holds the gate
+
+
 def search_export_recipe(
     config: PipelineConfig,
     steps: Callable[..., list[ArtifactRef]],
@@ -223,22 +239,40 @@ def search_export_recipe(
     choice_data: ArtifactRef,
     merged_eval: ArtifactRef,
     chosen_on: str,
-) -> tuple[ArtifactRef, ArtifactRef, dict[str, Any]]:
+    base: ArtifactRef | None = None,
+    adapter: ArtifactRef | None = None,
+) -> Searched:
     """Export and evaluate each candidate recipe on the set `chosen_on` (the validation split,
-    or the gate's set), prepared in `choice_data`; (chosen export, its evaluation, the search).
+    or the gate's set), prepared in `choice_data`.
 
     With no candidate within the gate, the most accurate one stands in (so the report is
     complete) and `summary["chosen"]` is None: the run then fails listing every candidate.
     With `placement.recipe_candidates`, each candidate is one chain (export, then its
     evaluation) that the placed runner runs as one flow run on that pool.
+
+    export.adapters=separate: each candidate is the base build of that recipe (`export_base`,
+    keyed as a manual run's, so shared by every fine-tune of this shape), this fine-tune's
+    adapter file for it, and the evaluation of the two together; the recipes the separate form
+    cannot build are left out, saying why. Judged against merged by the same rule. Placed, a
+    candidate is two flow runs: the base build, then the adapter file chained with the
+    evaluation (a chain feeds a step the output just before it, and the evaluation needs both).
     """
-    from slmflow import recipes
     from slmflow.errors import StageCheckError
     from slmflow.fidelity import compare, read_predictions
 
     search, max_drop = config.export.search, config.evaluate.max_accuracy_drop
+    separate, left_out, lora = config.export.adapters == "separate", {}, None
+    if separate:
+        from slmflow.stages.export_separate import lora_of
+
+        if base is None or adapter is None:
+            raise TypeError("export.adapters=separate needs the base model and the fine-tune's adapter")
+        kept, left_out = recipes.separate_candidates(search)
+        for name, why in left_out.items():
+            print(f"recipe search: {name} left out: export.adapters=separate cannot build it ({why})")
+        search, lora = search.model_copy(update={"candidates": kept}), lora_of(adapter)
     merged_acc = merged_eval.meta["accuracy"]
-    built: dict[str, tuple[ArtifactRef, ArtifactRef]] = {}
+    built: dict[str, tuple[ArtifactRef, ArtifactRef | None, ArtifactRef]] = {}
     placed = config.placement.recipe_candidates is not None
     evaluation_options = {"data": choice_data, "labels": config.data.labels,
                           "trust_remote_code": config.model.trust_remote_code}
@@ -248,18 +282,28 @@ def search_export_recipe(
     merged_rows = read_predictions(merged_eval)  # each candidate is compared with these rows
 
     def run_candidate(name: str) -> dict[str, Any]:
-        onnx = evaluation = error = None
-        export = Step("export", f"export[{name}]", recipes.candidate_config(config.export, name),
-                      {"merged": merged, "data": data}, where="recipe_candidates")
+        onnx = onnx_adapter = evaluation = error = None
+        cfg = recipes.candidate_config(config.export, name)
         evaluate = Step("evaluate", f"evaluate_exported[{name}]{on}", config.evaluate,
                         evaluation_options, feed="model", where="recipe_candidates")
         try:
-            if placed:  # one flow run on the candidates' pool
-                onnx, evaluation = steps(export, evaluate)
+            if separate:  # the base build, then (one chain) the adapter file and the two evaluated
+                [onnx] = steps(Step("export_base", f"export_base[{name}]", cfg,
+                                    {"base": base, "lora": lora}, where="recipe_candidates"))
+                onnx_adapter, evaluation = steps(
+                    Step("export_adapter", f"export_adapter[{name}]", cfg,
+                         {"onnx_base": onnx, "adapter": adapter, "data": data},
+                         where="recipe_candidates"),
+                    replace(evaluate, named={**evaluation_options, "model": onnx}, feed="adapter"))
             else:
-                [onnx] = steps(export)
-                [evaluation] = steps(replace(evaluate, named=evaluate.inputs(onnx), feed=None))
-            built[name] = (onnx, evaluation)
+                export = Step("export", f"export[{name}]", cfg, {"merged": merged, "data": data},
+                              where="recipe_candidates")
+                if placed:  # one flow run on the candidates' pool
+                    onnx, evaluation = steps(export, evaluate)
+                else:
+                    [onnx] = steps(export)
+                    [evaluation] = steps(replace(evaluate, named=evaluate.inputs(onnx), feed=None))
+            built[name] = (onnx, onnx_adapter, evaluation)
         except Exception as exc:  # noqa: BLE001 - a broken candidate is a finding, not the end
             error = f"{type(exc).__name__}: {exc}"
             print(f"recipe search: {name} failed: {error}")
@@ -267,7 +311,7 @@ def search_export_recipe(
         if evaluation is not None:  # how closely it answers like the merged model, same rows
             fidelity = compare(merged_rows, read_predictions(evaluation))
         return recipes.candidate_record(name, onnx, evaluation, merged_acc, max_drop, error,
-                                        fidelity, search)
+                                        fidelity, search, onnx_adapter)
 
     parallel = search.max_parallel  # placed: each sub-run on a machine of its pool
     if parallel > 1 and not placed:  # here: this machine's memory decides how many run at once
@@ -277,13 +321,14 @@ def search_export_recipe(
         parallel = recipes.parallel_limit(search, params, log=print)
     records = recipes.run_search(search, run_candidate, parallel)
     summary = recipes.search_summary(records, search.objective, merged_acc, max_drop, search,
-                                     chosen_on)
-    pick = summary["chosen"] or max(built, key=lambda n: built[n][1].meta["accuracy"], default=None)
+                                     chosen_on, "separate" if separate else "merged", left_out)
+    pick = summary["chosen"] or max(built, key=lambda n: built[n][2].meta["accuracy"], default=None)
     if pick is None:
         raise StageCheckError(recipes.failure_message(summary))
     print(f"recipe search: {summary['chosen'] or 'none within the gate'} "
-          f"(objective {search.objective}, {len(built)}/{len(records)} candidates evaluated)")
-    return (*built[pick], summary)
+          f"(objective {search.objective}, {len(built)}/{len(records)} candidates evaluated"
+          + (", each base + adapter)" if separate else ")"))
+    return Searched(*built[pick], summary, pick)
 
 
 def run_plain(name: str, label: str, cfg: Any, store: Store, named: dict[str, Any]) -> tuple[ArtifactRef, bool]:

@@ -5,6 +5,11 @@ else on the quality gate's set) with the ordinary export and
 evaluation stages (so each is its own content-keyed result, shared with a manual run of the same
 recipe); the smallest (or fastest) candidate within the quality gate wins. A candidate the builder
 breaks, or that fails to load or run, is recorded as failed with its error and the search goes on.
+
+With `export.adapters: separate` a candidate is the separate form: the recipe's base build
+(`export_base`, shared by every fine-tune of that LoRA shape) with this fine-tune's adapter file,
+evaluated together, its size the two's; the recipes that form cannot build (`separate_refusal`)
+are left out of the default list and refused with the config when named.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from html import escape
 from typing import Any
 
 from slmflow.artifacts import ArtifactRef
-from slmflow.config import ExportConfig, RecipeSearchConfig, SensitivityConfig
+from slmflow.config import SEPARATE_REFUSALS, ExportConfig, RecipeSearchConfig, SensitivityConfig
 
 # How each named recipe sets the builder (fields of ExportConfig); unset fields keep the
 # builder's defaults, so int4_k_quant is exactly the manual default's export.
@@ -49,6 +54,18 @@ def candidate_config(cfg: ExportConfig, name: str) -> ExportConfig:
     })
 
 
+def separate_refusal(name: str) -> str | None:
+    """Why `export.adapters: separate` cannot build recipe `name` (None: it can)."""
+    return SEPARATE_REFUSALS.get(name)
+
+
+def separate_candidates(cfg: RecipeSearchConfig) -> tuple[list[str], dict[str, str]]:
+    """(the candidates the separate form builds, {left out: why}). Only the default list can
+    hold one it cannot build: a list naming one is refused with the config."""
+    left_out = {n: why for n in cfg.candidates if (why := separate_refusal(n))}
+    return [n for n in cfg.candidates if n not in left_out], left_out
+
+
 def gate_passed(merged_accuracy: float, accuracy: float, max_drop: float) -> bool:
     """The report's quality gate: exported at most `max_drop` below merged."""
     return merged_accuracy - accuracy <= max_drop + 1e-9
@@ -57,12 +74,18 @@ def gate_passed(merged_accuracy: float, accuracy: float, max_drop: float) -> boo
 def candidate_record(name: str, onnx: ArtifactRef | None, evaluation: ArtifactRef | None,
                      merged_accuracy: float, max_drop: float, error: str | None = None,
                      fidelity: dict[str, Any] | None = None,
-                     floors: RecipeSearchConfig | None = None) -> dict:
+                     floors: RecipeSearchConfig | None = None,
+                     adapter: ArtifactRef | None = None) -> dict:
     """One row of the search: what was built, how it scored (and how closely it answers like
-    the merged model: `fidelity`, from slmflow.fidelity.compare), and the verdict."""
+    the merged model: `fidelity`, from slmflow.fidelity.compare), and the verdict. Separate
+    form: `onnx` is the base build and `adapter` the fine-tune's file; the size is both."""
     record: dict[str, Any] = {"recipe": name, **RECIPES[name], "verdict": "failed", "error": error}
     if onnx is not None:
         record.update(size_bytes=onnx.meta.get("size_bytes"), onnx_key=onnx.key, onnx_uri=onnx.uri)
+    if onnx is not None and adapter is not None:
+        base, extra = onnx.meta["size_bytes"], adapter.meta["size_bytes"]
+        record.update(size_bytes=base + extra, base_bytes=base, adapter_bytes=extra,
+                      adapter_key=adapter.key, adapter_uri=adapter.uri)
     if evaluation is not None:
         m = evaluation.meta
         record.update(accuracy=m["accuracy"], macro_f1=m["macro_f1"],
@@ -152,11 +175,16 @@ def parallel_limit(cfg: RecipeSearchConfig, params: int, log: Callable[[str], No
 
 def search_summary(records: list[dict], objective: str, merged_accuracy: float,
                    max_drop: float, floors: RecipeSearchConfig | None = None,
-                   chosen_on: str = "eval") -> dict[str, Any]:
-    """The search's record in the report; `chosen_on`: the set the candidates were judged on."""
+                   chosen_on: str = "eval", form: str = "merged",
+                   left_out: dict[str, str] | None = None) -> dict[str, Any]:
+    """The search's record in the report; `chosen_on`: the set the candidates were judged on;
+    `form`: merged (one model each) or separate (a base build + this fine-tune's adapter file
+    each, `left_out` the recipes that form cannot build, with why)."""
     chosen = choose(records, objective)
     builder_default = next((r for r in records if r["recipe"] == BUILDER_DEFAULT), None)
     return {
+        "form": form,
+        "left_out": left_out or {},
         "objective": objective,
         "merged_accuracy": merged_accuracy,
         "min_accuracy": round(merged_accuracy - max_drop, 6),
@@ -191,7 +219,9 @@ def _floors(summary: dict[str, Any]) -> str:
 def failure_message(summary: dict[str, Any]) -> str:
     floors_text = _floors(summary)
     rows = "; ".join(_row(r, bool(floors_text)) for r in summary["candidates"])
-    return (f"recipe search: no candidate holds the quality gate (accuracy >= "
+    form = (" (each a base build + this fine-tune's adapter file)"
+            if summary.get("form") == "separate" else "")
+    return (f"recipe search: no candidate{form} holds the quality gate (accuracy >= "
             f"{summary['min_accuracy']:.4f} = merged {summary['merged_accuracy']:.4f} - "
             f"evaluate.max_accuracy_drop)" + (f" and {floors_text} (export.search)" if floors_text else "")
             + f": {rows}; add int8/fp16 to export.search.candidates or allow a larger "
@@ -208,9 +238,13 @@ def recipe_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
                        + (" and fidelity floors)" if _floors(summary) else ")"))
         elif r["verdict"] == "failed":
             verdict = f"failed: {(r.get('error') or '')[:120]}"
+        sizes = {"size_mb": round(r["size_bytes"] / 2**20, 1) if r.get("size_bytes") else ""}
+        if summary.get("form") == "separate":  # the size is base + adapter: both shown
+            sizes.update({f"{part}_mb": round(r[f"{part}_bytes"] / 2**20, 2)
+                          if r.get(f"{part}_bytes") else "" for part in ("base", "adapter")})
         rows.append({
             "recipe": r["recipe"],
-            "size_mb": round(r["size_bytes"] / 2**20, 1) if r.get("size_bytes") else "",
+            **sizes,
             "accuracy": round(r["accuracy"], 4) if "accuracy" in r else "",
             "macro_f1": round(r["macro_f1"], 4) if "macro_f1" in r else "",
             "agreement": round(r["agreement"], 4) if r.get("agreement") is not None else "",
@@ -263,7 +297,8 @@ def search_svg(summary: dict[str, Any], metric: str = "accuracy", width: int = 6
              f'<text x="{left}" y="14" font-size="12">size on disk vs {escape(name)} on {escape(on)}</text>',
              f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#444"/>',
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#444"/>',
-             f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">size (MB)</text>',
+             (f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">'
+             f'{"base + adapter size" if summary.get("form") == "separate" else "size"} (MB)</text>'),
              f'<text x="12" y="{mid}" transform="rotate(-90 12 {mid})" text-anchor="middle">{"accuracy" if metric == "accuracy" else "label KL"}</text>']
     for i in range(5):
         value, size = y0 + (y1 - y0) * i / 4, x0 + (x1 - x0) * i / 4

@@ -146,6 +146,14 @@ def _search_section(search: dict[str, Any] | None, inline: bool) -> list[str]:
         why += (" The builder's default (int4_default: RTN, block 32) "
                 + (f"scored {acc:.4f} ({default['verdict']})." if acc is not None
                    else f"failed: {default.get('error')}."))
+    if search.get("form") == "separate":
+        why = ("Candidates in the separate form (export.adapters: separate): each recipe's base "
+               "build (shared by every fine-tune of this LoRA shape) with this fine-tune's "
+               "adapter file, evaluated together; size = base + adapter. " + why)
+        left_out = search.get("left_out") or {}
+        if left_out:
+            why += " Left out (the separate form cannot build them): " + "; ".join(
+                f"{name}: {reason}" for name, reason in left_out.items()) + "."
     images = [_image("recipe search", "recipe_search.svg", search_svg(search), inline)]
     if search.get("pareto_front_kl"):
         images.append(_image("recipe search, label KL", "recipe_search_kl.svg",

@@ -164,6 +164,140 @@ def test_base_plus_adapter_logits_match_the_builders_baked_in_build(two_tasks, b
     assert np.abs(other - expected).max() > 100 * LOGIT_TOLERANCE  # the other adapter differs
 
 
+SEARCHED = ["int4_k_quant_mixed", "int4_rtn_b32"]  # the tone run's recipe, and a smaller one
+
+
+@pytest.fixture(scope="module")
+def searched(two_tasks, tiny_model):
+    """The tone task again with export.recipe=auto over two recipes, in the same cache: the
+    fine-tune and the k_quant_mixed base build are the tone run's; the gate (1.0, the tiny
+    config's) holds both, so the smaller wins whatever the random-init model answers."""
+    _, _, root = two_tasks
+    os.environ["SLMFLOW_CACHE"] = str(root / "cache")
+    try:
+        config = _config(tiny_model, root / "search", recipe="auto", search={"candidates": SEARCHED})
+        path = run_pipeline(config, run_plain)
+    finally:
+        os.environ["SLMFLOW_CACHE"] = "{output_dir}/cache"
+    return json.loads(path.read_text()), root
+
+
+def test_the_recipe_search_builds_judges_and_publishes_base_plus_adapter(two_tasks, searched):
+    from slmflow import onnx_adapters as oa
+
+    tones, _, _ = two_tasks
+    report, root = searched
+    search, stages = report["export_search"], report["stages"]
+    assert search["form"] == "separate" and search["left_out"] == {}
+    records = {r["recipe"]: r for r in search["candidates"]}
+    assert list(records) == SEARCHED and search["chosen"] == "int4_rtn_b32"
+    for name, r in records.items():  # base build + this fine-tune's adapter file, evaluated together
+        assert r["verdict"] == "passed" and r["size_bytes"] == r["base_bytes"] + r["adapter_bytes"]
+        assert r["onnx_key"] == stages[f"export_base[{name}]"]["key"]
+        assert r["adapter_key"] == stages[f"export_adapter[{name}]"]["key"]
+        metrics = json.loads((Path(stages[f"evaluate_exported[{name}]"]["uri"]) / "metrics.json").read_text())
+        assert metrics["model_kind"] == "onnx_base+adapter" and metrics["accuracy"] == r["accuracy"]
+        assert f"export[{name}]" not in stages  # no merged candidate
+    assert records["int4_rtn_b32"]["base_bytes"] < records["int4_k_quant_mixed"]["base_bytes"]
+    # the k_quant_mixed candidate is the tone run's base build and adapter file: keyed alike
+    assert stages["export_base[int4_k_quant_mixed]"]["cached"] is True
+    assert stages["export_base[int4_k_quant_mixed]"]["key"] == tones["stages"]["export_base"]["key"]
+    assert stages["export_adapter[int4_k_quant_mixed]"]["key"] == tones["stages"]["export_adapter"]["key"]
+    assert stages["export_base[int4_rtn_b32]"]["cached"] is False
+    # published: the chosen base, the adapter file made for it, judged as base + adapter
+    assert report["models"]["exported"]["model_kind"] == "onnx_base+adapter"
+    assert report["models"]["exported"]["accuracy"] == records["int4_rtn_b32"]["accuracy"]
+    folder = root / "search" / "model"
+    card = json.loads((folder / "slmflow_model.json").read_text())
+    assert card["adapters"]["base_version"] == oa.base_version(stages["export_base[int4_rtn_b32]"]["sha256"])
+    assert (folder / card["adapters"]["files"]["tones_small"]["file"]).is_file()
+    assert (folder / "model.onnx").is_file() and not (folder / "adapter.onnx_adapter").exists()
+    # evaluate.compare_merged_export: the merged export of the chosen recipe beside it
+    assert report["models"]["exported_merged"]["model_kind"] == "onnx_model"
+    assert stages["export"]["key"] != tones["stages"]["export"]["key"]  # rtn_b32, not k_quant_mixed
+    md = (root / "search" / "report.md").read_text()
+    assert "Candidates in the separate form" in md and "| base_mb | adapter_mb |" in md
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def bundle_server(bundle):
+    """`slmflow serve` on the two-adapter bundle, on a free 127.0.0.1 port; stopped afterwards."""
+    import time
+
+    import httpx
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "slmflow.cli", "serve", "--model", str(bundle),
+                             "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180  # a timeout, not a speed check
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"serve did not start: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_answers_each_request_with_its_adapter_while_requests_interleave(two_tasks, bundle_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    tones, tickets, _ = two_tasks
+    tasks = {"tones_small": (tones, "phrase"), "tickets_small": (tickets, "ticket")}
+    labels = {name: report["config"]["data"]["labels"] for name, (report, _) in tasks.items()}
+    rows = {name: _eval_rows(report) for name, (report, _) in tasks.items()}
+    expected = {name: _exported_predictions(report) for name, (report, _) in tasks.items()}
+    with httpx.Client(base_url=bundle_server, timeout=120) as client:
+        health = client.get("/health").json()
+        assert health["adapters"] == labels and health["default_adapter"] == "tones_small"
+        assert health["labels"] == labels["tones_small"]
+        bad = client.post("/classify", json={"text": "x", "adapter": "tones"})
+        assert bad.status_code == 422
+        assert "has no adapter 'tones'; it has tones_small, tickets_small" in bad.json()["detail"]
+        default = client.post("/classify", json={"texts": [r["phrase"] for r in rows["tones_small"]],
+                                                 "constrained": False}).json()
+        assert default["adapter"] == "tones_small"
+        assert [p["label"] for p in default["predictions"]] == expected["tones_small"]
+
+    def ask(i: int) -> tuple[str, int, dict]:  # alternate adapters, one row each, 8 clients at once
+        name = ("tones_small", "tickets_small")[i % 2]
+        row = rows[name][i // 2 % len(rows[name])]
+        body = {"text": {tasks[name][1]: row[tasks[name][1]]}, "constrained": False}
+        if i % 4 != 0:  # every fourth tones request names no adapter: the default answers
+            body["adapter"] = name
+        with httpx.Client(base_url=bundle_server, timeout=300) as c:
+            return name, i // 2 % len(rows[name]), c.post("/classify", json=body).json()
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(16)))
+    for name, n, body in answers:  # each the run's own evaluation of that task's row
+        assert body["adapter"] == name and list(body["probabilities"]) == labels[name]
+        assert body["label"] == expected[name][n], (name, n, body)
+
+
 def test_an_adapter_file_of_another_base_build_is_one_line(bundle, tmp_path):
     import onnxruntime as ort
 

@@ -78,19 +78,27 @@ def test_constrained_label_is_always_in_the_set():
     assert constrained_labels(["Joy", "Surp", ""], probs, LABELS) == ["Joy", "Fear", "Fear"]
 
 
-def _fake_classifier(columns=("phrase",)):
-    from slmflow.classifier import Classifier, Prediction
+def _fake_classifier(columns=("phrase",), adapters: dict[str, list[str]] | None = None):
+    """No model: the prompt and the server's plumbing only. `adapters`: {name: labels} of a
+    folder with adapter files (the first the default); none: one merged model."""
+    from slmflow.classifier import Classifier, Prediction, Task
 
-    clf = object.__new__(Classifier)  # no model: the prompt and the server's plumbing only
-    clf.card = {"prompt_template": "### Text: {phrase}\n### The tone is:\n"}
-    clf.input_columns, clf.labels, clf.path = list(columns), LABELS, Path("m")
+    clf = object.__new__(Classifier)
+    card = {"prompt_template": "### Text: {phrase}\n### The tone is:\n"}
+    clf.tasks = {name: Task(name, card, labels, list(columns), 4)
+                 for name, labels in (adapters or {None: LABELS}).items()}
+    clf.adapters = list(adapters or [])
+    clf.default_adapter = clf.adapters[0] if clf.adapters else None
+    clf.path = Path("m")
+    clf._show(clf.tasks[clf.default_adapter])
     calls = []
 
-    def predict(texts, constrained=None, progress=None):
-        prompts = [clf.prompt(t) for t in texts]
-        calls.append((len(prompts), constrained))
-        probs = dict(zip(LABELS, (0.4, 0.3, 0.2, 0.1)))
-        return [Prediction("Sad", 0.4, probs, "Sad") for _ in prompts]
+    def predict(texts, constrained=None, progress=None, adapter=None):
+        task = clf.task(adapter)  # the real lookup: unknown names refused as the real one does
+        prompts = [clf.prompt(t, task) for t in texts]
+        calls.append((len(prompts), constrained, adapter))
+        probs = dict(zip(task.labels, (0.4, 0.3, 0.2, 0.1)))
+        return [Prediction(task.labels[0], 0.4, probs, task.labels[0]) for _ in prompts]
 
     clf.predict, clf.calls = predict, calls
     return clf
@@ -115,12 +123,14 @@ def test_serve_answers_one_a_list_and_refuses_bad_requests():
 
     clf = _fake_classifier()
     client = TestClient(create_app(clf))
-    assert client.get("/health").json() == {"status": "ok", "labels": LABELS, "model": "m"}
+    assert client.get("/health").json() == {"status": "ok", "labels": LABELS, "model": "m",
+                                            "adapters": {}, "default_adapter": None}
     one = client.post("/classify", json={"text": "hi"})
     assert one.status_code == 200 and one.json()["label"] == "Sad"
     many = client.post("/classify", json={"texts": ["a", "b"], "constrained": False})
     assert many.status_code == 200 and len(many.json()["predictions"]) == 2
-    assert clf.calls[-1] == (2, False)
+    assert clf.calls[-1] == (2, False, None)
+    assert "adapter" not in one.json() and "adapter" not in many.json()
     for body, code, words in [
         (b"{not json", 400, "not valid JSON"),
         (json.dumps({}).encode(), 422, "exactly one of"),
@@ -130,10 +140,50 @@ def test_serve_answers_one_a_list_and_refuses_bad_requests():
         (json.dumps({"txt": "a"}).encode(), 422, "bad request"),
         (json.dumps({"text": {"other": "a"}}).encode(), 422, "lacks column"),
         (json.dumps({"texts": ["a"] * (MAX_TEXTS + 1)}).encode(), 413, "at most"),
+        (json.dumps({"text": "a", "adapter": "tickets"}).encode(), 422,
+         "m has no adapter 'tickets'; it holds one merged model, no adapter files"),
     ]:
         resp = client.post("/classify", content=body, headers={"content-type": "application/json"})
         assert resp.status_code == code, (body[:40], resp.text)
         assert words in resp.json()["detail"]
+
+
+TICKETS = ["Billing", "Shipping", "Login", "Bug"]
+
+
+def test_serve_answers_each_request_with_the_adapter_it_names():
+    from fastapi.testclient import TestClient
+
+    from slmflow.serve import create_app
+
+    clf = _fake_classifier(adapters={"tones": LABELS, "tickets": TICKETS})
+    client = TestClient(create_app(clf))
+    assert client.get("/health").json() == {
+        "status": "ok", "labels": LABELS, "model": "m",
+        "adapters": {"tones": LABELS, "tickets": TICKETS}, "default_adapter": "tones"}
+    one = client.post("/classify", json={"text": "hi", "adapter": "tickets"})
+    assert one.status_code == 200, one.text
+    assert one.json()["label"] == "Billing" and list(one.json()["probabilities"]) == TICKETS
+    assert one.json()["adapter"] == "tickets" and clf.calls[-1] == (1, None, "tickets")
+    many = client.post("/classify", json={"texts": ["a", "b"]})  # none named: the default,
+    assert many.json()["adapter"] == "tones" and clf.calls[-1] == (2, None, "tones")  # by name
+    assert [p["label"] for p in many.json()["predictions"]] == ["Sad", "Sad"]
+    bad = client.post("/classify", json={"text": "hi", "adapter": "tikets"})
+    assert bad.status_code == 422
+    assert bad.json()["detail"] == "m has no adapter 'tikets'; it has tones, tickets"
+    assert len(clf.calls) == 2  # refused before any generation
+
+
+def test_an_unknown_adapter_is_refused_naming_the_folders():
+    from slmflow.classifier import UnknownAdapterError
+
+    clf = _fake_classifier(adapters={"tones": LABELS, "tickets": TICKETS})
+    assert clf.task("tickets").labels == TICKETS and clf.task().labels == LABELS
+    with pytest.raises(UnknownAdapterError, match=r"^m has no adapter 'x'; it has tones, tickets$"):
+        clf.task("x")
+    with pytest.raises(UnknownAdapterError, match=r"^m has no adapter 'x'; it holds one merged "
+                       r"model, no adapter files$"):
+        _fake_classifier().task("x")
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str]:

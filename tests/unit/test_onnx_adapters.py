@@ -109,13 +109,58 @@ def test_lora_node_names_follow_the_builders_split_of_fused_modules():
 
 @pytest.mark.parametrize(("sets", "message"), [
     (["export.adapters=separate", "export.quantizer=hqq"], r"export.adapters=separate keeps the LoRA branches fp32"),
-    (["export.adapters=separate", "export.recipe=auto"], r"export.recipe=auto searches merged exports"),
+    (["export.adapters=separate", "export.recipe=auto", "export.search.candidates=[int4_rtn_b32, int4_gptq]"],
+     (r"^config: export: export.search.candidates: export.adapters=separate cannot build int4_gptq "
+     r"\(onnxruntime's GPTQ quantizer makes every MatMul int4, the LoRA branches too\); drop it "
+     r"from the list, or use export.adapters=merged$")),
+    (["export.adapters=separate", "export.recipe=auto", "export.search.candidates=[int4_sensitive, int4_hqq, int8]"],
+     (r"cannot build int4_sensitive \(its int8 MatMuls are ranked on the merged fine-tune, so the "
+     r"base would not be shared by other fine-tunes\); int4_hqq \(onnxruntime's HQQ quantizer .*\); "
+     r"drop them from the list")),
     (["export.adapters=separate", "export.extra_options.adapter_path=x"], r"adapter_path is set by export.adapters=separate"),
     (["export.adapters=both"], r"export.adapters"),
 ])
 def test_separate_adapter_configs_that_cannot_work_are_refused(sets, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, sets)
+
+
+def test_a_separate_search_over_the_default_candidates_leaves_out_what_it_cannot_build():
+    from slmflow import recipes
+    from slmflow.config import DEFAULT_CANDIDATES
+    from slmflow.configio import build_config
+
+    config = load_config(None, ["export.adapters=separate", "export.recipe=auto"])
+    again = build_config(config.model_dump(mode="json"), source="test")  # as Prefect and --set do
+    assert again.export.search.candidates == list(DEFAULT_CANDIDATES)
+    kept, left_out = recipes.separate_candidates(again.export.search)
+    assert list(left_out) == ["int4_sensitive"] and "not be shared" in left_out["int4_sensitive"]
+    assert kept == [n for n in DEFAULT_CANDIDATES if n != "int4_sensitive"]
+    # named with merged exports, or with a manual separate run (no search): nothing refused
+    load_config(None, ["export.recipe=auto", "export.search.candidates=[int4_gptq]"])
+    load_config(None, ["export.adapters=separate", "export.search.candidates=[int4_gptq]"])
+
+
+def test_a_candidates_base_build_is_the_manual_runs_of_that_recipe(tmp_path):
+    """Keyed on the base model, the recipe and the LoRA shape: a search's candidate shares the
+    base build with a manual run of its recipe and with every fine-tune of that shape."""
+    from slmflow import recipes
+    from slmflow.artifacts import ArtifactRef
+    from slmflow.stages.export_separate import BASE_STAGE
+    from slmflow.store import Store
+
+    store = Store.at(tmp_path)
+    base = ArtifactRef(kind="base_model", uri="/b", sha256="b" * 64, key="bkey", meta={})
+    lora = {"target_modules": ["o_proj", "qkv_proj"], "r": 16}
+
+    def key(cfg, shape=lora) -> str:
+        return BASE_STAGE.key(cfg, store, base=base, lora=shape)
+
+    manual = load_config(None, ["export.adapters=separate"]).export  # int4 k_quant
+    auto = load_config(None, ["export.adapters=separate", "export.recipe=auto"]).export
+    assert key(recipes.candidate_config(auto, "int4_k_quant")) == key(manual)
+    assert key(recipes.candidate_config(auto, "int4_rtn_b32")) != key(manual)
+    assert key(manual, {**lora, "r": 8}) != key(manual)
 
 
 def test_separate_adapters_leave_the_merged_export_key_as_it_was():

@@ -8,7 +8,13 @@ import pytest
 
 from slmflow import recipes
 from slmflow.artifacts import ArtifactRef
-from slmflow.config import ALL_RECIPES, ExportConfig, PipelineConfig, RecipeSearchConfig
+from slmflow.config import (
+    ALL_RECIPES,
+    SEPARATE_REFUSALS,
+    ExportConfig,
+    PipelineConfig,
+    RecipeSearchConfig,
+)
 from slmflow.configio import build_config
 from slmflow.errors import ConfigError
 from slmflow.stages.export import STAGE, builder_options
@@ -103,6 +109,50 @@ def test_failed_candidates_are_recorded_and_the_search_goes_on():
     assert rows["int4_k_quant"]["verdict"] == "chosen (smallest within the gate)"
     svg = recipes.search_svg(summary)
     assert svg.startswith("<svg") and "int4_rtn_b128" in svg and "chosen" in svg
+
+
+def test_the_separate_forms_refusals_are_the_recipes_it_cannot_build():
+    """SEPARATE_REFUSALS (the config's, below slmflow.recipes) names exactly the recipes not
+    quantized by the builder or with a sensitivity budget."""
+    cannot = {name for name, r in recipes.RECIPES.items()
+              if r.get("quantizer", "builder") != "builder" or r.get("sensitivity", {}).get("int8_budget")}
+    assert set(SEPARATE_REFUSALS) == cannot == {"int4_hqq", "int4_gptq", "int4_sensitive"}
+    assert recipes.separate_refusal("int4_k_quant") is None
+
+
+def test_a_separate_search_weighs_base_plus_adapter_and_says_so():
+    """export.adapters=separate: each candidate is a base build + this fine-tune's adapter file;
+    its size is both, the rule is the merged search's, the report says which form it was."""
+    from slmflow.report import _search_section
+
+    def separate(name, base_mb, acc):
+        base = _ref("onnx_base", name, size_bytes=int(base_mb * 2**20))
+        adapter = _ref("onnx_adapter", name + "a", size_bytes=2**20)
+        ev = _ref("evaluation", name + "e", accuracy=acc, macro_f1=acc, latency_ms_p50=1.0,
+                  latency_ms_p95=2.0)
+        return recipes.candidate_record(name, base, ev, 0.9, 0.02, adapter=adapter)
+
+    records = [separate("int4_rtn_b32", 80, 0.85), separate("int4_k_quant", 88, 0.9),
+               separate("int8", 180, 0.9)]
+    assert records[1]["size_bytes"] == 89 * 2**20
+    assert (records[1]["base_bytes"], records[1]["adapter_bytes"]) == (88 * 2**20, 2**20)
+    assert records[1]["adapter_key"] == "int4_k_quanta" and records[1]["onnx_key"] == "int4_k_quant"
+    summary = recipes.search_summary(records, "smallest", 0.9, 0.02, form="separate",
+                                     left_out={"int4_sensitive": "not shared"})
+    assert summary["chosen"] == "int4_k_quant"  # rtn_b32 is smaller, but below the gate
+    row = next(r for r in recipes.recipe_table(summary) if r["recipe"] == "int4_k_quant")
+    assert (row["size_mb"], row["base_mb"], row["adapter_mb"]) == (89.0, 88.0, 1.0)
+    assert "base + adapter size (MB)" in recipes.search_svg(summary)
+    text = _search_section(summary, inline=False)[0]
+    assert "Candidates in the separate form" in text and "size = base + adapter" in text
+    assert "Left out (the separate form cannot build them): int4_sensitive: not shared." in text
+    assert "| recipe | size_mb | base_mb | adapter_mb |" in text
+    merged = recipes.search_summary([_record("int8", 180, 0.9)], "smallest", 0.9, 0.02)
+    assert merged["form"] == "merged" and "base_mb" not in recipes.recipe_table(merged)[0]
+    assert "separate form" not in _search_section(merged, inline=False)[0]
+    none = recipes.search_summary(records[:1], "smallest", 0.9, 0.02, form="separate")
+    assert "no candidate (each a base build + this fine-tune's adapter file) holds the quality " \
+           "gate" in recipes.failure_message(none)
 
 
 def test_parallel_search_keeps_the_config_order():

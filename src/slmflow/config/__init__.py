@@ -31,6 +31,7 @@ from slmflow.config.data import DataConfig
 from slmflow.config.export import (
     ALL_RECIPES,
     DEFAULT_CANDIDATES,
+    SEPARATE_REFUSALS,
     EvaluateConfig,
     ExportConfig,
     RecipeName,
@@ -44,10 +45,11 @@ from slmflow.config.placement import PlacementConfig
 from slmflow.config.tracking import TrackingConfig
 
 __all__ = [
-    "ALL_RECIPES", "BUNDLED_TONES", "DEFAULT_CANDIDATES", "SEED_TEMPLATE", "SHIFTED_TONES", "SMOLLM2_GGUF",
-    "BaseModelConfig", "DataConfig", "DistributedConfig", "EvaluateConfig", "ExportConfig",
-    "FinetuneConfig", "MergeConfig", "PathSpec", "PipelineConfig", "PlacementConfig", "RecipeName",
-    "RecipeSearchConfig", "SensitivityConfig", "TrackingConfig", "eval_set_name",
+    "ALL_RECIPES", "BUNDLED_TONES", "DEFAULT_CANDIDATES", "SEED_TEMPLATE", "SEPARATE_REFUSALS",
+    "SHIFTED_TONES", "SMOLLM2_GGUF", "BaseModelConfig", "DataConfig", "DistributedConfig",
+    "EvaluateConfig", "ExportConfig", "FinetuneConfig", "MergeConfig", "PathSpec", "PipelineConfig",
+    "PlacementConfig", "RecipeName", "RecipeSearchConfig", "SensitivityConfig", "TrackingConfig",
+    "eval_set_name",
 ]
 
 

@@ -18,6 +18,15 @@ ALL_RECIPES: tuple[str, ...] = RecipeName.__args__  # from the smallest expected
 # on SmolLM2 on a CPU); onnxruntime 1.32's HQQ lost the fine-tune of SmolLM2 here (it answered
 # like the base model, accuracy 0 on both sets; bench.recipes).
 DEFAULT_CANDIDATES: tuple[str, ...] = tuple(r for r in ALL_RECIPES if r not in ("int4_gptq", "int4_hqq"))
+# The recipes export.adapters=separate cannot build, and why: its base keeps the LoRA branches
+# fp32 through the model builder and is shared by every fine-tune. Those of slmflow.recipes.RECIPES
+# not quantized by the builder or with a sensitivity budget (tests/unit/test_recipes checks it).
+SEPARATE_REFUSALS: dict[str, str] = {
+    "int4_hqq": "onnxruntime's HQQ quantizer makes every MatMul int4, the LoRA branches too",
+    "int4_gptq": "onnxruntime's GPTQ quantizer makes every MatMul int4, the LoRA branches too",
+    "int4_sensitive": "its int8 MatMuls are ranked on the merged fine-tune, so the base would not "
+                      "be shared by other fine-tunes",
+}
 
 
 class RecipeSearchConfig(_Config):
@@ -96,7 +105,8 @@ class ExportConfig(_Config):
         "manual",
         title="Recipe",
         description="manual: export with precision/algo_config/block_size below; auto: export and "
-        "evaluate every candidate of `search`, keep the smallest (or fastest) within the gate.",
+        "evaluate every candidate of `search`, keep the smallest (or fastest) within the gate "
+        "(with adapters: separate, each candidate is a base build + this fine-tune's adapter file).",
     )
     search: RecipeSearchConfig = Field(
         default_factory=RecipeSearchConfig, title="Recipe search", description="Used by recipe: auto."
@@ -167,7 +177,9 @@ class ExportConfig(_Config):
         "LoRA target modules and rank), shared by every fine-tune of that base, with fp32 LoRA "
         "branches over the int4 base, and one .onnx_adapter file per fine-tune, switched at run "
         "time with onnxruntime-genai's Adapters API (Olive's multi-LoRA). quantizer builder, no "
-        "sensitivity budget.",
+        "sensitivity budget; with recipe: auto the candidates are searched in this form "
+        "(int4_hqq, int4_gptq and int4_sensitive cannot be built: left out of the default list, "
+        "refused when named).",
     )
 
     @model_validator(mode="after")
@@ -186,10 +198,15 @@ class ExportConfig(_Config):
                 raise ValueError("export.adapters=separate keeps the LoRA branches fp32 through the "
                                  "model builder: set export.quantizer=builder and "
                                  "export.sensitivity.int8_budget=0, or export.adapters=merged")
-            if self.recipe == "auto":
-                raise ValueError("export.recipe=auto searches merged exports; with "
-                                 "export.adapters=separate set export.recipe=manual (and the "
-                                 "recipe's precision/algo_config)")
+            if self.recipe == "auto" and self.search.candidates != list(DEFAULT_CANDIDATES):
+                named = {n: SEPARATE_REFUSALS[n] for n in self.search.candidates
+                         if n in SEPARATE_REFUSALS}
+                if named:  # the default list leaves them out itself, saying why (recipes)
+                    raise ValueError(
+                        "export.search.candidates: export.adapters=separate cannot build "
+                        + "; ".join(f"{n} ({why})" for n, why in named.items())
+                        + f"; drop {'them' if len(named) > 1 else 'it'} from the list, or use "
+                        "export.adapters=merged")
             if "adapter_path" in self.extra_options:
                 raise ValueError("export.extra_options: adapter_path is set by "
                                  "export.adapters=separate (a zero adapter of the fine-tune's "
