@@ -118,3 +118,12 @@ def test_the_config_imports_no_io_module():
     imported = {d for m, deps in graph.items() if _under(m, "slmflow.config") for d in deps
                 if _under(d, "slmflow") and not _under(d, "slmflow.config")} - {"slmflow"}
     assert imported <= allowed, imported - allowed
+
+
+def test_every_test_module_has_its_own_basename():
+    # pytest's default import mode refuses two test files of one basename (CI stops at collection)
+    from collections import Counter
+
+    tests = Path(__file__).resolve().parents[1]
+    names = Counter(p.name for p in tests.rglob("test_*.py"))
+    assert [n for n, c in names.items() if c > 1] == []
